@@ -1,0 +1,593 @@
+//! Configuration: the TOML file as parsed (`RawConfig`, serde, unknown fields refused) and the
+//! validated `Config` the rest of keygate uses, which cannot be invalid.
+//!
+//! Validation names the field and the reason (`` `route[2].upstream`: must be https:// ``), never
+//! panics and never prints a value that could be a secret. `keygate check-config FILE` runs the
+//! same code. Relative paths are relative to the working directory keygate runs in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use serde::Deserialize;
+
+/// The built-in defaults: the same text as `config/keygate.toml`, so that running without a
+/// config file and running with the example behave alike.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config/keygate.toml");
+
+/// A configuration error: which field, and why. Never carries a value that could be secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: `{field}`: {reason}")]
+    Parse {
+        origin: String,
+        field: String,
+        reason: String,
+    },
+    #[error("{origin}: `{field}`: {reason}")]
+    Invalid {
+        origin: String,
+        field: String,
+        reason: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw: what the file says.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    proxy: Option<String>,
+    admin: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    dev_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    master_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    response_header_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    cache_ttl: Option<String>,
+    negative_cache_ttl: Option<String>,
+    cache_capacity: Option<u64>,
+    poll_interval: Option<String>,
+    staleness_bound: Option<String>,
+    on_cleartext: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_headers: Option<usize>,
+    max_connections: Option<usize>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+    inject: RawInject,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    ai_secret: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated.
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub tls: TlsSource,
+    pub store: StoreConfig,
+    pub upstream: UpstreamConfig,
+    pub keys: KeysConfig,
+    pub server: ServerConfig,
+    pub routes: Vec<Route>,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Where the server certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files named in the config.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A development CA and server certificate generated into (and reused from) this directory.
+    Generated { dir: PathBuf },
+}
+
+/// The embedded store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub master_key_file: PathBuf,
+}
+
+/// How keygate talks to upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// An extra CA trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+/// What to do with a valid key that was seen in a cleartext request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCleartext {
+    /// Flag the key as exposed (shown by `keygate keys list`); it keeps working.
+    Flag,
+    /// Flag and delete it at once.
+    Revoke,
+}
+
+/// The key cache and how fresh it must be.
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    pub cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+    pub cache_capacity: u64,
+    /// How often the store is asked whether keys or secrets changed.
+    pub poll_interval: Duration,
+    /// When the store could not be read for longer than this, requests fail closed (503).
+    pub staleness_bound: Duration,
+    pub on_cleartext: OnCleartext,
+}
+
+/// Listener hardening.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_headers: usize,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+/// One route: requests whose path starts with `prefix` go to `upstream` with a credential.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    pub upstream: Upstream,
+    pub inject: Inject,
+}
+
+/// An `https://` upstream, split for cheap URI building.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The upstream's own path prefix, without a trailing `/` (empty for the root).
+    pub base_path: String,
+}
+
+/// The credential a route injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inject {
+    /// The stored ai_secret of this name.
+    AiSecret(String),
+}
+
+impl Config {
+    /// Loads the config: `path` if given, else `config/keygate.toml` when it exists, else the
+    /// embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let default = Path::new("config/keygate.toml");
+        let chosen = match path {
+            Some(p) => Some(p),
+            None if default.exists() => Some(default),
+            None => None,
+        };
+        match chosen {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Config::parse(&text, &p.display().to_string())
+            }
+            None => Config::parse(EMBEDDED_DEFAULTS, "built-in defaults"),
+        }
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            field: "(syntax)".into(),
+            reason: one_line(&e.to_string()),
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                field,
+                reason: one_line(&e.into_inner().to_string()),
+            }
+        })?;
+        validate(raw, origin)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Check<'a> {
+    origin: &'a str,
+}
+
+impl Check<'_> {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn addr(
+        &self,
+        field: &str,
+        v: Option<String>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        let s = v.unwrap_or_else(|| default.to_owned());
+        s.parse().map_err(|_| {
+            self.err(
+                field,
+                "must be an IP address and port, like \"127.0.0.1:8443\"",
+            )
+        })
+    }
+
+    fn duration(
+        &self,
+        field: &str,
+        v: Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = v else { return Ok(default) };
+        let d = humantime::parse_duration(s.trim()).map_err(|_| {
+            self.err(
+                field,
+                "must be a duration like \"30s\", \"500ms\" or \"2m\"",
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(field, "must be longer than zero"));
+        }
+        Ok(d)
+    }
+}
+
+fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+    let c = Check { origin };
+    let listen = Listen {
+        proxy: c.addr("listen.proxy", raw.listen.proxy, "127.0.0.1:8443")?,
+        admin: c.addr("listen.admin", raw.listen.admin, "127.0.0.1:8444")?,
+    };
+    if listen.proxy == listen.admin && listen.proxy.port() != 0 {
+        return Err(c.err("listen.admin", "must differ from listen.proxy"));
+    }
+    let tls = match (raw.tls.cert, raw.tls.key) {
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (None, None) => TlsSource::Generated {
+            dir: raw.tls.dev_dir.unwrap_or_else(|| PathBuf::from("certs")),
+        },
+        (Some(_), None) => return Err(c.err("tls.key", "must be set when tls.cert is")),
+        (None, Some(_)) => return Err(c.err("tls.cert", "must be set when tls.key is")),
+    };
+    let store = StoreConfig {
+        path: raw
+            .store
+            .path
+            .unwrap_or_else(|| PathBuf::from("data/keygate.db")),
+        master_key_file: raw
+            .store
+            .master_key_file
+            .unwrap_or_else(|| PathBuf::from("data/master.key")),
+    };
+    let upstream = UpstreamConfig {
+        ca_file: raw.upstream.ca_file,
+        connect_timeout: c.duration(
+            "upstream.connect_timeout",
+            raw.upstream.connect_timeout,
+            Duration::from_secs(5),
+        )?,
+        response_header_timeout: c.duration(
+            "upstream.response_header_timeout",
+            raw.upstream.response_header_timeout,
+            Duration::from_secs(30),
+        )?,
+        pool_idle_timeout: c.duration(
+            "upstream.pool_idle_timeout",
+            raw.upstream.pool_idle_timeout,
+            Duration::from_secs(60),
+        )?,
+    };
+    let keys = KeysConfig {
+        cache_ttl: c.duration(
+            "keys.cache_ttl",
+            raw.keys.cache_ttl,
+            Duration::from_secs(300),
+        )?,
+        negative_cache_ttl: c.duration(
+            "keys.negative_cache_ttl",
+            raw.keys.negative_cache_ttl,
+            Duration::from_secs(5),
+        )?,
+        cache_capacity: match raw.keys.cache_capacity {
+            Some(0) => return Err(c.err("keys.cache_capacity", "must be at least 1")),
+            Some(n) => n,
+            None => 1_000_000,
+        },
+        poll_interval: c.duration(
+            "keys.poll_interval",
+            raw.keys.poll_interval,
+            Duration::from_millis(250),
+        )?,
+        staleness_bound: c.duration(
+            "keys.staleness_bound",
+            raw.keys.staleness_bound,
+            Duration::from_secs(10),
+        )?,
+        on_cleartext: match raw.keys.on_cleartext.as_deref() {
+            None | Some("flag") => OnCleartext::Flag,
+            Some("revoke") => OnCleartext::Revoke,
+            Some(_) => return Err(c.err("keys.on_cleartext", "must be \"flag\" or \"revoke\"")),
+        },
+    };
+    if keys.negative_cache_ttl > keys.cache_ttl {
+        return Err(c.err(
+            "keys.negative_cache_ttl",
+            "must not be longer than keys.cache_ttl",
+        ));
+    }
+    if keys.staleness_bound <= keys.poll_interval {
+        return Err(c.err(
+            "keys.staleness_bound",
+            "must be longer than keys.poll_interval",
+        ));
+    }
+    let server = ServerConfig {
+        header_read_timeout: c.duration(
+            "server.header_read_timeout",
+            raw.server.header_read_timeout,
+            Duration::from_secs(10),
+        )?,
+        idle_timeout: c.duration(
+            "server.idle_timeout",
+            raw.server.idle_timeout,
+            Duration::from_secs(75),
+        )?,
+        max_headers: match raw.server.max_headers {
+            Some(n) if !(1..=1000).contains(&n) => {
+                return Err(c.err("server.max_headers", "must be between 1 and 1000"))
+            }
+            Some(n) => n,
+            None => 100,
+        },
+        max_connections: match raw.server.max_connections {
+            Some(0) => return Err(c.err("server.max_connections", "must be at least 1")),
+            Some(n) => n,
+            None => 10_000,
+        },
+        drain_timeout: c.duration(
+            "server.drain_timeout",
+            raw.server.drain_timeout,
+            Duration::from_secs(30),
+        )?,
+    };
+    let mut routes = Vec::with_capacity(raw.route.len());
+    for (i, r) in raw.route.into_iter().enumerate() {
+        routes.push(validate_route(&c, i, r)?);
+    }
+    for (i, r) in routes.iter().enumerate() {
+        if routes[..i].iter().any(|o| o.prefix == r.prefix) {
+            return Err(c.err(
+                format!("route[{i}].prefix"),
+                format!("duplicates an earlier route's prefix {:?}", r.prefix),
+            ));
+        }
+    }
+    Ok(Config {
+        listen,
+        tls,
+        store,
+        upstream,
+        keys,
+        server,
+        routes,
+    })
+}
+
+fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigError> {
+    if !r.prefix.starts_with('/') {
+        return Err(c.err(format!("route[{i}].prefix"), "must start with /"));
+    }
+    if r.prefix
+        .chars()
+        .any(|ch| ch.is_ascii_control() || ch == '?' || ch == '#')
+    {
+        return Err(c.err(
+            format!("route[{i}].prefix"),
+            "must be a plain path (no control characters, ? or #)",
+        ));
+    }
+    let field = format!("route[{i}].upstream");
+    let uri: http::Uri = r
+        .upstream
+        .parse()
+        .map_err(|_| c.err(&field, "must be a URL like https://host:port"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some(_) => {
+            return Err(c.err(
+                &field,
+                "must be https:// (keygate never sends credentials in cleartext)",
+            ))
+        }
+        None => return Err(c.err(&field, "must be an absolute https:// URL")),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| c.err(&field, "must name a host"))?;
+    if authority.as_str().contains('@') {
+        return Err(c.err(
+            &field,
+            "must not carry user info; credentials are injected by route",
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(c.err(&field, "must not have a query string"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let inject_name = r.inject.ai_secret.trim().to_owned();
+    if inject_name.is_empty() {
+        return Err(c.err(
+            format!("route[{i}].inject.ai_secret"),
+            "must name an ai_secret",
+        ));
+    }
+    Ok(Route {
+        prefix: r.prefix,
+        upstream: Upstream {
+            scheme: Scheme::HTTPS,
+            authority,
+            base_path,
+        },
+        inject: Inject::AiSecret(inject_name),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULTS, "built-in").unwrap();
+        assert_eq!(c.listen.proxy.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.listen.admin.to_string(), "127.0.0.1:8444");
+        assert!(matches!(c.tls, TlsSource::Generated { .. }));
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn empty_file_means_all_defaults() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.store.path, PathBuf::from("data/keygate.db"));
+        assert_eq!(c.upstream.response_header_timeout, Duration::from_secs(30));
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(
+            "[[route]]\nprefix = \"/\"\nupstream = \"http://x\"\ninject = { ai_secret = \"A\" }\n",
+        );
+        assert!(
+            e.contains("`route[0].upstream`") && e.contains("https://"),
+            "{e}"
+        );
+        let e = err("[listen]\nproxy = \"nope\"\n");
+        assert!(e.contains("`listen.proxy`"), "{e}");
+        let e = err("[upstream]\nresponse_header_timeout = \"soon\"\n");
+        assert!(e.contains("`upstream.response_header_timeout`"), "{e}");
+        let e = err("[listen]\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+        let e = err("[store]\npath = 5\n");
+        assert!(e.contains("`store.path`"), "{e}");
+        let e = err("[[route]]\nprefix = \"api\"\nupstream = \"https://x\"\ninject = { ai_secret = \"A\" }\n");
+        assert!(e.contains("`route[0].prefix`"), "{e}");
+        let e = err("[tls]\ncert = \"a.pem\"\n");
+        assert!(e.contains("`tls.key`"), "{e}");
+        let e = err("this is not toml");
+        assert!(e.contains("t.toml"), "{e}");
+    }
+
+    #[test]
+    fn upstream_is_split_for_uri_building() {
+        let c = Config::parse(
+            "[[route]]\nprefix = \"/v1\"\nupstream = \"https://api.example.com:8443/base/\"\ninject = { ai_secret = \"K\" }\n",
+            "t",
+        )
+        .unwrap();
+        let u = &c.routes[0].upstream;
+        assert_eq!(u.authority.as_str(), "api.example.com:8443");
+        assert_eq!(u.base_path, "/base");
+        assert_eq!(c.routes[0].inject, Inject::AiSecret("K".into()));
+    }
+}

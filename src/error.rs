@@ -1,0 +1,132 @@
+//! Errors that become responses: `ProxyError` for the data plane, with its ONE mapping to a
+//! status and a JSON body. A new variant must be placed in the `match` below (no `_` arm).
+//!
+//! Bodies of 5xx answers say nothing about internals; the log line carries the source chain.
+//! Bodies and log lines never carry a key or a secret.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::Body;
+
+/// Everything that can stop a proxied request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Missing, malformed, unknown or revoked key: one answer for all of them.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The key store could not be read for longer than the staleness bound: fail closed.
+    #[error("key store unavailable beyond the staleness bound")]
+    StoreUnavailable,
+    /// No route matches the path.
+    #[error("no route matches the request path")]
+    NoRoute,
+    /// The route's credential does not exist (yet).
+    #[error("route {route} has no credential configured")]
+    NoCredential { route: String },
+    /// The upstream could not be reached (refused, DNS, TCP).
+    #[error("upstream connection failed")]
+    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    /// The upstream's certificate did not verify.
+    #[error("upstream TLS verification failed")]
+    UpstreamTls(#[source] hyper_util::client::legacy::Error),
+    /// No response headers within the configured timeout.
+    #[error("upstream sent no response headers in time")]
+    UpstreamTimeout,
+    /// Any other failure talking to the upstream.
+    #[error("upstream request failed")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+    /// A bug or an impossible state; details only in the log.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The one 401 body, byte for byte the same whatever the reason.
+const UNAUTHORIZED_BODY: &str =
+    r#"{"error":"unauthorized: send a valid keygate key in x-api-key or Authorization: Bearer"}"#;
+
+impl ProxyError {
+    /// The response this error becomes, after logging it at the level it deserves.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, message): (StatusCode, std::borrow::Cow<'static, str>) = match &self {
+            ProxyError::Unauthorized => {
+                return json_response(
+                    StatusCode::UNAUTHORIZED,
+                    Bytes::from_static(UNAUTHORIZED_BODY.as_bytes()),
+                );
+            }
+            ProxyError::StoreUnavailable => {
+                tracing::error!(error = %self, "failing closed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "key store unavailable".into(),
+                )
+            }
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route matches this path".into()),
+            ProxyError::NoCredential { route } => {
+                tracing::warn!(route = %route, "request refused: route has no credential configured");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("route {route} has no credential configured").into(),
+                )
+            }
+            ProxyError::UpstreamConnect(e) => {
+                tracing::warn!(error = %chain(e), "upstream connection failed");
+                (StatusCode::BAD_GATEWAY, "upstream connection failed".into())
+            }
+            ProxyError::UpstreamTls(e) => {
+                tracing::error!(error = %chain(e), "upstream TLS verification failed");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream TLS verification failed".into(),
+                )
+            }
+            ProxyError::UpstreamTimeout => {
+                tracing::warn!("upstream sent no response headers within the timeout");
+                (StatusCode::GATEWAY_TIMEOUT, "upstream timed out".into())
+            }
+            ProxyError::Upstream(e) => {
+                tracing::warn!(error = %chain(e), "upstream request failed");
+                (StatusCode::BAD_GATEWAY, "upstream request failed".into())
+            }
+            ProxyError::Internal(detail) => {
+                tracing::error!(detail = %detail, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+            }
+        };
+        error_response(status, &message)
+    }
+}
+
+/// A JSON `{"error": message}` response.
+pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message }))
+        .unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
+    json_response(status, Bytes::from(body))
+}
+
+/// A JSON response with the given body.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut res = Response::new(Either::Right(Full::new(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

@@ -1,0 +1,326 @@
+//! The `keygate` command line: parse arguments, load the config, set up logging, run.
+//!
+//! Everything meant for a person goes to stderr; stdout carries only what a script captures
+//! (a new key, alone on its line).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use zeroize::Zeroizing;
+
+use keygate::app;
+use keygate::config::Config;
+use keygate::secret::Secret;
+use keygate::store::{issue_key, Role, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "A local authenticating reverse proxy and secret injector"
+)]
+struct Cli {
+    /// Config file (default: config/keygate.toml when it exists, else the built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format on stderr. The level comes from KEYGATE_LOG (e.g. "debug", "keygate=trace").
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and admin listeners.
+    Serve,
+    /// Validate a config file and name the bad field.
+    CheckConfig {
+        /// The file to check (default: as --config).
+        file: Option<PathBuf>,
+    },
+    /// Manage keygate's own API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage upstream secrets (ai_secrets).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it once, alone on one line of stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = RoleArg::Proxy)]
+        role: RoleArg,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Delete a key by id; a running server refuses it within a second.
+    Delete { id: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Admin,
+    Proxy,
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Store a secret read from stdin (one trailing newline is dropped), encrypted at rest.
+    Put {
+        name: String,
+        #[arg(long = "type", value_name = "TYPE")]
+        secret_type: Option<String>,
+    },
+    /// List secrets with previews only.
+    List,
+    /// Delete a secret by name.
+    Delete { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, matches!(cli.command, Command::Serve));
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("keygate: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn master_env() -> Option<Zeroizing<String>> {
+    std::env::var("KEYGATE_MASTER_KEY").ok().map(Zeroizing::new)
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    if let Command::CheckConfig { file } = &cli.command {
+        let path = file.as_ref().or(cli.config.as_ref());
+        let config = Config::load(path.map(|p| p.as_path())).map_err(|e| e.to_string())?;
+        for r in &config.routes {
+            eprintln!(
+                "route {:>12} -> https://{}{}",
+                r.prefix, r.upstream.authority, r.upstream.base_path
+            );
+        }
+        eprintln!("config OK ({} routes)", config.routes.len());
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::CheckConfig { .. } => Ok(()),
+        Command::Serve => serve(config),
+        Command::Keys(cmd) => keys(config, cmd),
+        Command::Secrets(cmd) => secrets(config, cmd),
+    }
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let running = app::start(config, master_env())
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(ca) = &running.dev_ca {
+            eprintln!("keygate: TLS certificate issued by the development CA; trust {}", ca.display());
+        }
+        eprintln!("keygate: proxy listening on https://{}", running.proxy_addr);
+        eprintln!("keygate: admin listening on https://{}", running.admin_addr);
+        if let Some(key) = &running.first_admin_key {
+            eprintln!("keygate: the store was empty, so an admin key was created; it is printed once, on stdout:");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", key.expose());
+            let _ = out.flush();
+        }
+        wait_for_signal().await;
+        eprintln!("keygate: shutting down (draining in-flight requests)");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
+    let (master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
+    match cmd {
+        KeysCommand::Create { name, role } => {
+            let name = name.trim();
+            if name.is_empty() {
+                return Err("--name must not be empty".into());
+            }
+            let role = match role {
+                RoleArg::Admin => Role::Admin,
+                RoleArg::Proxy => Role::Proxy,
+            };
+            let (key, rec) =
+                issue_key(store.as_ref(), &master, name, role).map_err(|e| e.to_string())?;
+            eprintln!(
+                "created key {} ({}, role {}); it is shown once, below:",
+                rec.id,
+                rec.name,
+                rec.role.as_str()
+            );
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", key.expose()).map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        KeysCommand::List => {
+            let keys = store.list_api_keys().map_err(|e| e.to_string())?;
+            println!(
+                "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  EXPOSED",
+                "ID", "CREATED", "ROLE", "PREVIEW", "NAME"
+            );
+            for k in keys {
+                println!(
+                    "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  {}",
+                    k.id,
+                    k.created,
+                    k.role.as_str(),
+                    k.preview_name,
+                    k.name,
+                    k.exposed
+                        .as_deref()
+                        .map(|t| format!("yes, at {t}"))
+                        .unwrap_or_else(|| "no".into())
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Delete { id } => match store.delete_api_key(&id).map_err(|e| e.to_string())? {
+            Some(rec) => {
+                eprintln!("deleted key {} ({})", rec.id, rec.name);
+                Ok(())
+            }
+            None => Err(format!("no key with id {id}")),
+        },
+    }
+}
+
+fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {
+    let (_master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
+    match cmd {
+        SecretsCommand::Put { name, secret_type } => {
+            let name = name.trim().to_owned();
+            if name.is_empty() {
+                return Err("the secret name must not be empty".into());
+            }
+            let value = read_secret_from_stdin()?;
+            let rec = store
+                .put_ai_secret(&name, secret_type.as_deref(), &value)
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "stored secret {} ({}), preview {}",
+                rec.name,
+                rec.secret_type.as_deref().unwrap_or("no type"),
+                rec.preview_secret.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        SecretsCommand::List => {
+            let list = store.list_ai_secrets().map_err(|e| e.to_string())?;
+            println!(
+                "{:<36}  {:<24}  {:<10}  {:<9}  {:<24}",
+                "ID", "UPDATED", "TYPE", "PREVIEW", "NAME"
+            );
+            for s in list {
+                println!(
+                    "{:<36}  {:<24}  {:<10}  {:<9}  {:<24}",
+                    s.id,
+                    s.updated_at,
+                    s.secret_type.as_deref().unwrap_or("-"),
+                    s.preview_secret.as_deref().unwrap_or("-"),
+                    s.name
+                );
+            }
+            Ok(())
+        }
+        SecretsCommand::Delete { name } => {
+            match store.delete_ai_secret(&name).map_err(|e| e.to_string())? {
+                Some(rec) => {
+                    eprintln!("deleted secret {}", rec.name);
+                    Ok(())
+                }
+                None => Err(format!("no secret named {name}")),
+            }
+        }
+    }
+}
+
+/// Reads the whole of stdin as the secret value, dropping one trailing newline (`\n` or
+/// `\r\n`). Refuses an empty value and one with other control characters.
+fn read_secret_from_stdin() -> Result<Secret, String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading the secret from stdin; type it and end with Ctrl-D (it is not echoed back anywhere)");
+    }
+    let mut buf = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read the secret from stdin: {e}"))?;
+    if buf.ends_with(b"\r\n") {
+        let n = buf.len() - 2;
+        buf.truncate(n);
+    } else if buf.ends_with(b"\n") {
+        let n = buf.len() - 1;
+        buf.truncate(n);
+    }
+    let text =
+        std::str::from_utf8(&buf).map_err(|_| "the secret must be UTF-8 text".to_string())?;
+    if text.is_empty() {
+        return Err("the secret read from stdin is empty".into());
+    }
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("the secret holds control characters (a second line?); it cannot be sent in an HTTP header".into());
+    }
+    Ok(Secret::new(text.to_owned()))
+}

@@ -1,0 +1,43 @@
+//! The data plane: one request, top to bottom.
+//!
+//! ```text
+//! client ─TLS─▶ authenticate ─▶ route ─▶ inject ─▶ forward ─▶ upstream
+//!                  401/503        404       503       502/504
+//! ```
+//!
+//! Each stage is a function of its own file; `handle` always answers, errors become responses
+//! in [`ProxyError::into_response`].
+
+pub mod authenticate;
+pub mod credentials;
+pub mod forward;
+pub mod inject;
+pub mod routes;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::app::AppState;
+use crate::error::ProxyError;
+use crate::Body;
+
+/// Serves one proxied request.
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    match pipeline(state, req).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pipeline(
+    state: &AppState,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let _principal = authenticate::authenticate(&state.keys, req.headers()).await?;
+    let route = state
+        .routes
+        .select(req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    inject::inject(&state.credentials, route, &mut req)?;
+    forward::forward(&state.upstream, route, req).await
+}

@@ -1,0 +1,260 @@
+//! The accept loop shared by both listeners: connection cap, plain-HTTP detection, TLS, then
+//! HTTP/1.1 or HTTP/2 by ALPN, and graceful shutdown.
+//!
+//! ```text
+//!  accept ─▶ over the connection cap? ──yes──▶ close
+//!    │ TCP_NODELAY
+//!  peek 1st byte (within header_read_timeout)
+//!    ├─ 0x16 (TLS handshake) ─▶ TLS accept ─▶ ALPN h2 ? http2 : http1 ─▶ service
+//!    ├─ ASCII letter (a cleartext request) ─▶ read its head, note a leaked key, answer a
+//!    │                                         plain-text 400 "HTTPS only", close
+//!    └─ anything else ─▶ close
+//!  shutdown signal ─▶ stop accepting; each connection: graceful_shutdown (h1 finishes the
+//!                     in-flight request, h2 sends GOAWAY) ─▶ the app waits up to the drain
+//!                     deadline for all connection permits to come back
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::app::AppState;
+use crate::config::ServerConfig;
+
+/// Which plane a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    Proxy,
+    Admin,
+}
+
+/// The longest cleartext request head read to look for a leaked key.
+const CLEARTEXT_HEAD_MAX: usize = 16 * 1024;
+const CLEARTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 43\r\nConnection: close\r\n\r\nthis port speaks HTTPS only; use https://\r\n";
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn accept_loop(
+    listener: TcpListener,
+    plane: Plane,
+    tls: TlsAcceptor,
+    state: Arc<AppState>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = crate::server::signalled(&mut shutdown) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(?plane, "connection cap reached; refusing a connection");
+            drop(tcp);
+            continue;
+        };
+        let conn = Conn {
+            plane,
+            tls: tls.clone(),
+            state: state.clone(),
+            shutdown: shutdown.clone(),
+            _permit: permit,
+        };
+        tokio::spawn(conn.serve(tcp, peer));
+    }
+}
+
+struct Conn {
+    plane: Plane,
+    tls: TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    async fn serve(self, tcp: TcpStream, peer: SocketAddr) {
+        let server = self.state.config.server.clone();
+        let _ = tcp.set_nodelay(true);
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(server.header_read_timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        if first[0] != 0x16 {
+            if first[0].is_ascii_alphabetic() {
+                answer_cleartext(tcp, peer, self.plane, &self.state, &server).await;
+            }
+            return;
+        }
+        let tls = match tokio::time::timeout(server.header_read_timeout, self.tls.accept(tcp)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let state = self.state.clone();
+        let plane = self.plane;
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move {
+                Ok::<_, Infallible>(match plane {
+                    Plane::Proxy => crate::proxy::handle(&state, req).await,
+                    Plane::Admin => crate::admin::handle(&state, req).await,
+                })
+            }
+        });
+        let io = TokioIo::new(tls);
+        let mut shutdown = self.shutdown;
+        let result = if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(100)
+                .max_pending_accept_reset_streams(20)
+                .max_header_list_size(32 * 1024)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = crate::server::signalled(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(server.header_read_timeout)
+                .max_headers(server.max_headers)
+                .keep_alive(true)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = crate::server::signalled(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// A cleartext HTTP request reached a TLS port: answer in plain text and never forward it.
+/// A valid key in it has leaked onto the network, so it is flagged (or revoked).
+async fn answer_cleartext(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    plane: Plane,
+    state: &AppState,
+    server: &ServerConfig,
+) {
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(server.header_read_timeout, async {
+        let mut buf = [0u8; 2048];
+        while head.len() < CLEARTEXT_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = read;
+    state
+        .counters
+        .cleartext_attempts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
+    if let Some(key) = key_in_head(&head) {
+        state.cleartext_key_seen(&key).await;
+    }
+    let _ = tcp.write_all(CLEARTEXT_ANSWER).await;
+    let _ = tcp.shutdown().await;
+    // Drain what the client still sends for a moment, so closing does not reset the
+    // connection before the client has read the answer.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// The key in a cleartext request head, if it carries one.
+fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    // A partial head still has complete header lines worth looking at.
+    let _ = req.parse(head);
+    let mut map = http::HeaderMap::new();
+    for h in req.headers.iter().take_while(|h| !h.name.is_empty()) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(h.name.as_bytes()),
+            http::HeaderValue::from_bytes(h.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    crate::proxy::authenticate::presented_key(&map)
+        .map(|k| crate::secret::Secret::new(k.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleartext_answer_length_is_right() {
+        let text = std::str::from_utf8(CLEARTEXT_ANSWER).unwrap();
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body.len(), 43);
+    }
+
+    #[test]
+    fn keys_are_found_in_cleartext_heads() {
+        let k = key_in_head(b"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: sk-abc\r\n\r\n").unwrap();
+        assert_eq!(k.expose(), "sk-abc");
+        let k = key_in_head(b"GET / HTTP/1.1\r\nAuthorization: Bearer sk-def\r\n").unwrap();
+        assert_eq!(k.expose(), "sk-def");
+        assert!(key_in_head(b"GET / HTTP/1.1\r\n\r\n").is_none());
+        assert!(key_in_head(b"\x00\x01garbage").is_none());
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub async fn signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
