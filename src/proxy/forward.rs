@@ -99,23 +99,30 @@ fn upstream_uri(route: &Route, incoming: &Uri) -> Result<Uri, ProxyError> {
 
 /// Sorts a client error into connect / TLS verification / other.
 fn classify(e: hyper_util::client::legacy::Error) -> ProxyError {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = cur {
-        // io::Error hides its inner error from source(), so look inside it too.
-        let inner = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map(|i| i as &(dyn std::error::Error + 'static));
-        if err.downcast_ref::<rustls::Error>().is_some()
-            || inner.is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
-        {
-            return ProxyError::UpstreamTls(e);
-        }
-        cur = err.source();
-    }
-    if e.is_connect() {
+    if caused_by_tls(&e) {
+        ProxyError::UpstreamTls(e)
+    } else if e.is_connect() {
         ProxyError::UpstreamConnect(e)
     } else {
         ProxyError::Upstream(e)
     }
+}
+
+/// Whether a rustls error is anywhere in the chain. `io::Error` hides the error it wraps from
+/// `source()` (it returns the wrapped error's source instead), and the TLS connector wraps
+/// rustls' error in two of them, so descend through `get_ref()` there.
+fn caused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cur = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|i| i as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }

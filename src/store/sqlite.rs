@@ -108,7 +108,15 @@ impl SqliteStore {
     /// this store was created with.
     pub fn open(path: &Path, master: Arc<MasterKey>) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                // The store holds sealed secrets and key digests: keep it to its owner.
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;

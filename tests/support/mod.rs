@@ -1,0 +1,543 @@
+//! Test support: a CA made per run, a fake TLS upstream that records what it received, keygate
+//! started in-process on listeners bound to 127.0.0.1:0 or as a child process, and a client
+//! that trusts the per-run CA. No fixed ports, no skipped verification, no sleeping until ready.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use keygate::app::{self, Running};
+use keygate::config::Config;
+use keygate::secret::Secret;
+use keygate::store::{issue_key, Role, Store};
+use keygate::tls::Ca;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+
+/// The request body type the test client sends.
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+/// An empty request body.
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A full request body.
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// The upstream secret every test route injects unless told otherwise.
+pub const UPSTREAM_SECRET: &str = "upstream-secret-Zq9Xw4Lm";
+
+/// A CA made for this test, with its certificate written to a file.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub ca_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("keygate test CA").expect("generate CA");
+        let ca_file = dir.path().join("test-ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).expect("write CA");
+        TestCa { dir, ca, ca_file }
+    }
+
+    /// Issues a server certificate for 127.0.0.1/localhost into files; returns (cert, key).
+    pub fn issue(&self, label: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = self
+            .ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("issue");
+        let c = self.dir.path().join(format!("{label}.pem"));
+        let k = self.dir.path().join(format!("{label}-key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k)
+    }
+
+    /// A client that trusts this CA only.
+    pub fn client(&self, h2: bool) -> Client<HttpsConnector<HttpConnector>, TestBody> {
+        client_trusting(&self.ca_file, h2)
+    }
+}
+
+/// A client that trusts `ca_file` only; HTTP/2 (by ALPN, h2 only) or HTTP/1.1.
+pub fn client_trusting(
+    ca_file: &Path,
+    h2: bool,
+) -> Client<HttpsConnector<HttpConnector>, TestBody> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_file).expect("read CA");
+    for cert in rustls_pemfile_certs(&pem) {
+        roots.add(cert).expect("add CA");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(keygate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let https = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.http2_only(h2);
+    builder.build(https)
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .expect("PEM")
+}
+
+/// What the fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A TLS upstream on 127.0.0.1:0 that records every request.
+///
+/// Paths: `/sse?n=N&gap_ms=G` streams N events G ms apart (send instants recorded);
+/// `/slow` waits 5 s before answering; `/sink` counts the body without keeping it;
+/// anything else records the request with its body and answers 201 with a JSON body and an
+/// `x-upstream` header.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+    pub sse_sent: Arc<Mutex<Vec<Instant>>>,
+    pub connections: Arc<AtomicUsize>,
+    pub sink_bytes: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeUpstream {
+    /// Offers h2 and http/1.1 by ALPN.
+    pub async fn start(ca: &TestCa) -> Self {
+        Self::start_with(ca, true).await
+    }
+
+    pub async fn start_with(ca: &TestCa, offer_h2: bool) -> Self {
+        let (cert, key) = ca.issue(&format!("upstream-{}", uuid_like()));
+        let cfg = keygate::tls::server_config(&cert, &key).expect("upstream TLS");
+        let mut cfg = Arc::try_unwrap(cfg).unwrap_or_else(|a| (*a).clone());
+        if !offer_h2 {
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let sse_sent = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let sink_bytes = Arc::new(AtomicUsize::new(0));
+        let (r, s, c, k) = (
+            requests.clone(),
+            sse_sent.clone(),
+            connections.clone(),
+            sink_bytes.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                c.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let (r, s, k) = (r.clone(), s.clone(), k.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (r, s, k) = (r.clone(), s.clone(), k.clone());
+                        async move { Ok::<_, Infallible>(upstream_answer(req, r, s, k).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        FakeUpstream {
+            addr,
+            requests,
+            sse_sent,
+            connections,
+            sink_bytes,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn uuid_like() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+async fn upstream_answer(
+    req: Request<Incoming>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    sse_sent: Arc<Mutex<Vec<Instant>>>,
+    sink: Arc<AtomicUsize>,
+) -> Response<UpBody> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let (parts, body) = req.into_parts();
+    let mut rec = Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: Bytes::new(),
+    };
+    match path.as_str() {
+        "/sink" => {
+            let mut body = body;
+            let mut n = 0usize;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            n += d.len();
+                            sink.fetch_add(d.len(), Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            requests.lock().unwrap().push(rec);
+            Response::new(Full::new(Bytes::from(format!("{{\"bytes\":{n}}}"))).boxed())
+        }
+        "/sse" => {
+            requests.lock().unwrap().push(rec);
+            let param = |name: &str, default: u64| -> u64 {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == name)
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(default)
+            };
+            let (n, gap) = (param("n", 5), param("gap_ms", 200));
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                for i in 0..n {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(gap)).await;
+                    }
+                    sse_sent.lock().unwrap().push(Instant::now());
+                    let ev = format!("id: {i}\ndata: event {i}\n\n");
+                    if tx.send(Ok(Frame::data(Bytes::from(ev)))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|f| (f, rx))
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        "/slow" => {
+            requests.lock().unwrap().push(rec);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(Full::new(Bytes::from_static(b"late")).boxed())
+        }
+        _ => {
+            rec.body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            requests.lock().unwrap().push(rec);
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .header("content-type", "application/json")
+                .header("x-upstream", "fake")
+                .body(Full::new(Bytes::from_static(b"{\"from\":\"upstream\"}")).boxed())
+                .unwrap()
+        }
+    }
+}
+
+/// Config text for a test keygate: listeners on 127.0.0.1:0, certificates from the test CA,
+/// store in `dir`, upstream CA = the test CA, one route per `(prefix, upstream, secret)`.
+pub fn config_text(ca: &TestCa, dir: &Path, routes: &[(&str, &str, &str)], extra: &str) -> String {
+    let (cert, key) = ca.issue("keygate");
+    let mut t = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [store]\npath = {db:?}\nmaster_key_file = {mk:?}\n\
+         [upstream]\nca_file = {ca_file:?}\n{extra}\n",
+        db = dir.join("keygate.db"),
+        mk = dir.join("master.key"),
+        ca_file = ca.ca_file,
+    );
+    for (prefix, upstream, secret) in routes {
+        t.push_str(&format!(
+            "[[route]]\nprefix = {prefix:?}\nupstream = {upstream:?}\ninject = {{ ai_secret = {secret:?} }}\n"
+        ));
+    }
+    t
+}
+
+/// keygate running in this process.
+pub struct Keygate {
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    /// A proxy-role key.
+    pub key: String,
+    pub key_id: String,
+}
+
+impl Keygate {
+    /// Starts keygate with `routes`, stores [`UPSTREAM_SECRET`] under every secret name the
+    /// routes use, and creates a proxy key. `extra` is TOML put in the `[upstream]` table and
+    /// after it (start it with a table header to leave that table).
+    pub async fn start(ca: &TestCa, routes: &[(&str, &str, &str)], extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(ca, dir.path(), routes, extra);
+        let config_path = dir.path().join("keygate.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::parse(&text, "test").expect("test config");
+        let (key, key_id) = {
+            let (master, store) = app::open_store(&config, None).unwrap();
+            for (_, _, secret) in routes {
+                store
+                    .put_ai_secret(secret, Some("openai"), &Secret::new(UPSTREAM_SECRET.into()))
+                    .unwrap();
+            }
+            let (k, rec) = issue_key(store.as_ref(), &master, "test", Role::Proxy).unwrap();
+            (k.expose().to_owned(), rec.id)
+        };
+        let running = app::start(config, None).await.expect("keygate starts");
+        Keygate {
+            proxy: running.proxy_addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            dir,
+            config_path,
+            key,
+            key_id,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{}", self.proxy.port(), path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{}", self.admin.port(), path)
+    }
+
+    /// The store, opened as the CLI would (a second connection).
+    pub fn store(
+        &self,
+    ) -> (
+        Arc<keygate::crypto::MasterKey>,
+        Arc<keygate::store::SqliteStore>,
+    ) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let config = Config::parse(&text, "test").unwrap();
+        app::open_store(&config, None).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// A GET with the given headers.
+pub fn get(url: &str, headers: &[(&str, &str)]) -> Request<TestBody> {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(empty()).unwrap()
+}
+
+/// Sends a request and collects the answer: (status, headers, body).
+pub async fn send(
+    client: &Client<HttpsConnector<HttpConnector>, TestBody>,
+    req: Request<TestBody>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let res = client.request(req).await.expect("request");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// The keygate binary run as a child process, with stderr captured line by line.
+pub struct KeygateProcess {
+    pub child: tokio::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub stdout_lines: Vec<String>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+/// The `keygate` command, run in `cwd`, with its environment limited to what is given.
+pub fn keygate_cmd(cwd: &Path, env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+    c.current_dir(cwd).env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        c.env("PATH", path);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.kill_on_drop(true);
+    c
+}
+
+impl KeygateProcess {
+    /// Runs `keygate serve` with `args` in `cwd` and waits until both listeners are announced.
+    pub async fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = keygate_cmd(cwd, env);
+        cmd.args(args).arg("serve");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn keygate");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut proxy, mut admin, mut banner_done) = (None, None, false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.is_none() || admin.is_none() || !banner_done {
+            let line = tokio::time::timeout_at(deadline.into(), err_lines.next_line())
+                .await
+                .expect("keygate announced its listeners in time")
+                .expect("read stderr")
+                .unwrap_or_else(|| panic!("keygate exited early: {}", stderr.lock().unwrap()));
+            stderr.lock().unwrap().push_str(&line);
+            stderr.lock().unwrap().push('\n');
+            if let Some(a) = line.strip_prefix("keygate: proxy listening on https://") {
+                proxy = Some(a.trim().parse().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("keygate: admin listening on https://") {
+                admin = Some(a.trim().parse().unwrap());
+                banner_done = !line.is_empty();
+            }
+        }
+        // The first admin key, when one was created, is the only thing on stdout.
+        let mut stdout_lines = Vec::new();
+        if let Ok(Ok(Some(l))) =
+            tokio::time::timeout(Duration::from_millis(300), out_lines.next_line()).await
+        {
+            stdout_lines.push(l);
+        }
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = err_lines.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
+        KeygateProcess {
+            child,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
+            stdout_lines,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{}", self.proxy.port(), path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Resident memory of the process now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// SIGTERM, then wait for the exit; returns its code.
+    pub async fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.pid();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("keygate exits after SIGTERM")
+            .expect("wait");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = self.stderr.lock().unwrap().clone();
+        (status.code(), log)
+    }
+}
+
+/// A `/proc/PID/status` field in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
