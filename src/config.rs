@@ -106,7 +106,6 @@ struct RawKeys {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     header_read_timeout: Option<String>,
-    idle_timeout: Option<String>,
     max_headers: Option<usize>,
     max_connections: Option<usize>,
     drain_timeout: Option<String>,
@@ -200,7 +199,6 @@ pub struct KeysConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
     pub max_headers: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
@@ -421,11 +419,6 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "server.header_read_timeout",
             raw.server.header_read_timeout,
             Duration::from_secs(10),
-        )?,
-        idle_timeout: c.duration(
-            "server.idle_timeout",
-            raw.server.idle_timeout,
-            Duration::from_secs(75),
         )?,
         max_headers: match raw.server.max_headers {
             Some(n) if !(1..=1000).contains(&n) => {

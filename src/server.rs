@@ -232,6 +232,11 @@ fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
         .map(|k| crate::secret::Secret::new(k.to_owned()))
 }
 
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub async fn signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,9 +257,4 @@ mod tests {
         assert!(key_in_head(b"GET / HTTP/1.1\r\n\r\n").is_none());
         assert!(key_in_head(b"\x00\x01garbage").is_none());
     }
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-pub async fn signalled(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

@@ -12,7 +12,7 @@ impl RouteTable {
     /// Builds the table from the configured routes.
     pub fn new(routes: &[Route]) -> Self {
         let mut ordered: Vec<(usize, Route)> = routes.iter().cloned().enumerate().collect();
-        ordered.sort_by(|a, b| b.1.prefix.len().cmp(&a.1.prefix.len()));
+        ordered.sort_by_key(|(_, r)| std::cmp::Reverse(r.prefix.len()));
         RouteTable { ordered }
     }
 
