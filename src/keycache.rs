@@ -160,3 +160,178 @@ impl KeyCache {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::store::{AiSecretRecord, ApiKeyRecord, NewApiKey, Revisions, Role, Tenant};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    /// A store that knows one digest and counts how often it is asked.
+    struct CountingStore {
+        known: Mutex<Option<KeyDigest>>,
+        revision: AtomicU64,
+        lookups: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for CountingStore {
+        fn principal_by_digest(
+            &self,
+            digest: &KeyDigest,
+        ) -> Result<(Option<Principal>, u64), StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Corrupt("down".into()));
+            }
+            let found = (*self.known.lock().unwrap() == Some(*digest)).then(|| Principal {
+                key_id: "k1".into(),
+                org_id: "o".into(),
+                user_id: "u".into(),
+                role: Role::Proxy,
+            });
+            Ok((found, self.revision.load(Ordering::SeqCst)))
+        }
+        fn revisions(&self) -> Result<Revisions, StoreError> {
+            Ok(Revisions {
+                keys: self.revision.load(Ordering::SeqCst),
+                secrets: 0,
+            })
+        }
+        fn tenant(&self) -> Result<Tenant, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn create_api_key(&self, _: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn delete_api_key(&self, _: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn count_api_keys(&self) -> Result<u64, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn flag_exposed(&self, _: &str) -> Result<(), StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn put_ai_secret(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: &Secret,
+        ) -> Result<AiSecretRecord, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn list_ai_secrets(&self) -> Result<Vec<AiSecretRecord>, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn delete_ai_secret(&self, _: &str) -> Result<Option<AiSecretRecord>, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+        fn ai_secret_value(&self, _: &str) -> Result<Option<(AiSecretRecord, Secret)>, StoreError> {
+            unreachable!("not used by the key cache")
+        }
+    }
+
+    fn setup(staleness: Duration) -> (Arc<CountingStore>, KeyCache, String) {
+        let master = Arc::new(MasterKey::from_bytes(&[3; 32]));
+        let key = master.generate_key().unwrap().expose().to_owned();
+        let store = Arc::new(CountingStore {
+            known: Mutex::new(Some(master.digest(&key))),
+            revision: AtomicU64::new(1),
+            lookups: AtomicUsize::new(0),
+            fail: Default::default(),
+        });
+        let cache = KeyCache::new(
+            store.clone(),
+            master,
+            KeyCacheSettings {
+                ttl: Duration::from_secs(300),
+                negative_ttl: Duration::from_secs(5),
+                capacity: 1000,
+                staleness_bound: staleness,
+            },
+            1,
+        );
+        cache.note_revision(1);
+        (store, cache, key)
+    }
+
+    #[tokio::test]
+    async fn a_known_key_is_read_from_the_store_once() {
+        let (store, cache, key) = setup(Duration::from_secs(10));
+        for _ in 0..100 {
+            assert_eq!(
+                cache.authenticate(&key).await.unwrap().unwrap().key_id,
+                "k1"
+            );
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_are_negatively_cached_and_malformed_ones_never_looked_up() {
+        let (store, cache, _) = setup(Duration::from_secs(10));
+        let unknown = format!("sk-{}", "Z".repeat(48));
+        for _ in 0..50 {
+            assert!(cache.authenticate(&unknown).await.unwrap().is_none());
+            assert!(cache.authenticate("sk-short").await.unwrap().is_none());
+            assert!(cache.authenticate("").await.unwrap().is_none());
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_store_read() {
+        let (store, cache, key) = setup(Duration::from_secs(10));
+        let cache = Arc::new(cache);
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (c, k) = (cache.clone(), key.clone());
+                tokio::spawn(async move { c.authenticate(&k).await.unwrap().is_some() })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_newer_revision_makes_cached_entries_stale_at_once() {
+        let (store, cache, key) = setup(Duration::from_secs(10));
+        assert!(cache.authenticate(&key).await.unwrap().is_some());
+        // The key is deleted elsewhere; the poller sees the new revision.
+        *store.known.lock().unwrap() = None;
+        store.revision.store(2, Ordering::SeqCst);
+        cache.note_revision(2);
+        assert!(cache.authenticate(&key).await.unwrap().is_none());
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+        // And the negative answer is cached at the new revision.
+        assert!(cache.authenticate(&key).await.unwrap().is_none());
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_store_fails_closed() {
+        let (store, cache, key) = setup(Duration::from_millis(50));
+        store.fail.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            cache.authenticate(&key).await,
+            Err(LookupError::Store(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // Past the staleness bound without a successful poll: refused even for cached keys.
+        assert!(matches!(
+            cache.authenticate(&key).await,
+            Err(LookupError::Stale)
+        ));
+        cache.note_revision(1);
+        store.fail.store(false, Ordering::SeqCst);
+        assert!(cache.authenticate(&key).await.unwrap().is_some());
+    }
+}
