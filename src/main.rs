@@ -152,7 +152,12 @@ fn serve(config: Config) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(ca) = &running.dev_ca {
-            eprintln!("keygate: TLS certificate issued by the development CA; trust {}", ca.display());
+            let shown = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+            eprintln!(
+                "keygate: TLS certificate issued by the development CA; trust {} (curl --cacert {})",
+                shown.display(),
+                ca.display()
+            );
         }
         eprintln!("keygate: proxy listening on https://{}", running.proxy_addr);
         eprintln!("keygate: admin listening on https://{}", running.admin_addr);
