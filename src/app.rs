@@ -28,7 +28,7 @@ use crate::proxy::forward::Upstream;
 use crate::proxy::routes::RouteTable;
 use crate::secret::Secret;
 use crate::server::{accept_loop, Plane};
-use crate::store::{issue_key, Role, SqliteStore, Store, StoreError};
+use crate::store::{issue_key, Role, SqliteStore, Store, StoreError, Tenant};
 use crate::tls::TlsError;
 
 /// A failure to start.
@@ -59,6 +59,8 @@ pub struct Counters {
 /// What every request handler shares.
 pub struct AppState {
     pub config: Arc<Config>,
+    /// The default org and user: routes take their secrets from this org.
+    pub tenant: Tenant,
     pub store: Arc<dyn Store>,
     pub master: Arc<MasterKey>,
     pub keys: KeyCache,
@@ -85,7 +87,7 @@ impl AppState {
         let result = tokio::task::spawn_blocking(move || {
             store.flag_exposed(&id)?;
             if revoke {
-                store.delete_api_key(&id)?;
+                store.delete_api_key(None, &id)?;
             }
             store.revisions()
         })
@@ -179,7 +181,14 @@ pub async fn start(
             if store.count_api_keys()? > 0 {
                 return Ok(None);
             }
-            let (key, rec) = issue_key(store.as_ref(), &master, "admin", Role::Admin)?;
+            let t = store.tenant()?;
+            let (key, rec) = issue_key(
+                store.as_ref(),
+                &master,
+                (&t.org_id, &t.user_id),
+                "admin",
+                Role::Admin,
+            )?;
             tracing::info!(key_id = %rec.id, "the store was empty: created the first admin key");
             Ok(Some(key))
         })
@@ -206,12 +215,17 @@ pub async fn start(
         revisions.keys,
     );
     keys.note_revision(revisions.keys);
+    let tenant = {
+        let store = store.clone();
+        blocking(move || store.tenant()).await?
+    };
     let credentials = {
         let store = store.clone();
         let routes = config.routes.clone();
+        let org = tenant.org_id.clone();
         blocking(move || {
             let c = Credentials::new(routes.len());
-            c.refresh(store.as_ref(), &routes).map(|()| c)
+            c.refresh(store.as_ref(), &org, &routes).map(|()| c)
         })
         .await?
     };
@@ -239,6 +253,7 @@ pub async fn start(
 
     let state = Arc::new(AppState {
         routes: RouteTable::new(&config.routes),
+        tenant,
         config: config.clone(),
         store,
         master,
@@ -304,7 +319,7 @@ async fn poll_store(
             let rev = st.store.revisions()?;
             if rev.secrets != secrets_seen {
                 st.credentials
-                    .refresh(st.store.as_ref(), &st.config.routes)?;
+                    .refresh(st.store.as_ref(), &st.tenant.org_id, &st.config.routes)?;
             }
             Ok(rev)
         })

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::crypto::{is_well_formed_key, KeyDigest, MasterKey};
-use crate::store::{Principal, Store, StoreError};
+use crate::store::{KeyLookup, Principal, StoreError};
 
 #[derive(Clone)]
 struct Entry {
@@ -62,7 +62,7 @@ pub enum LookupError {
 /// The key cache. Cheap to share behind an `Arc`.
 pub struct KeyCache {
     cache: moka::future::Cache<KeyDigest, Entry>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn KeyLookup>,
     master: Arc<MasterKey>,
     current: AtomicU64,
     started: Instant,
@@ -81,7 +81,7 @@ pub struct KeyCacheSettings {
 impl KeyCache {
     /// A cache over `store`; `initial_revision` is the keys revision read at start.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn KeyLookup>,
         master: Arc<MasterKey>,
         s: KeyCacheSettings,
         initial_revision: u64,
@@ -164,8 +164,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
-    use crate::store::{AiSecretRecord, ApiKeyRecord, NewApiKey, Revisions, Role, Tenant};
+    use crate::store::Role;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
@@ -177,7 +176,7 @@ mod tests {
         fail: std::sync::atomic::AtomicBool,
     }
 
-    impl Store for CountingStore {
+    impl KeyLookup for CountingStore {
         fn principal_by_digest(
             &self,
             digest: &KeyDigest,
@@ -193,47 +192,6 @@ mod tests {
                 role: Role::Proxy,
             });
             Ok((found, self.revision.load(Ordering::SeqCst)))
-        }
-        fn revisions(&self) -> Result<Revisions, StoreError> {
-            Ok(Revisions {
-                keys: self.revision.load(Ordering::SeqCst),
-                secrets: 0,
-            })
-        }
-        fn tenant(&self) -> Result<Tenant, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn create_api_key(&self, _: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn delete_api_key(&self, _: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn count_api_keys(&self) -> Result<u64, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn flag_exposed(&self, _: &str) -> Result<(), StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn put_ai_secret(
-            &self,
-            _: &str,
-            _: Option<&str>,
-            _: &Secret,
-        ) -> Result<AiSecretRecord, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn list_ai_secrets(&self) -> Result<Vec<AiSecretRecord>, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn delete_ai_secret(&self, _: &str) -> Result<Option<AiSecretRecord>, StoreError> {
-            unreachable!("not used by the key cache")
-        }
-        fn ai_secret_value(&self, _: &str) -> Result<Option<(AiSecretRecord, Secret)>, StoreError> {
-            unreachable!("not used by the key cache")
         }
     }
 

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use keygate::app;
 use keygate::config::Config;
 use keygate::secret::Secret;
-use keygate::store::{issue_key, Role, Store};
+use keygate::store::{issue_key, AiSecretWrite, ListQuery, Role, SecretRef, Store, WriteMode};
 
 #[derive(Parser)]
 #[command(
@@ -208,8 +208,10 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
                 RoleArg::Admin => Role::Admin,
                 RoleArg::Proxy => Role::Proxy,
             };
+            let t = store.tenant().map_err(|e| e.to_string())?;
             let (key, rec) =
-                issue_key(store.as_ref(), &master, name, role).map_err(|e| e.to_string())?;
+                issue_key(store.as_ref(), &master, (&t.org_id, &t.user_id), name, role)
+                    .map_err(|e| e.to_string())?;
             eprintln!(
                 "created key {} ({}, role {}); it is shown once, below:",
                 rec.id,
@@ -221,7 +223,10 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             Ok(())
         }
         KeysCommand::List => {
-            let keys = store.list_api_keys().map_err(|e| e.to_string())?;
+            let t = store.tenant().map_err(|e| e.to_string())?;
+            let keys = store
+                .list_api_keys(&ListQuery::all(&t.org_id, u32::MAX))
+                .map_err(|e| e.to_string())?;
             println!(
                 "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  EXPOSED",
                 "ID", "CREATED", "ROLE", "PREVIEW", "NAME"
@@ -242,18 +247,21 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        KeysCommand::Delete { id } => match store.delete_api_key(&id).map_err(|e| e.to_string())? {
-            Some(rec) => {
-                eprintln!("deleted key {} ({})", rec.id, rec.name);
-                Ok(())
+        KeysCommand::Delete { id } => {
+            match store.delete_api_key(None, &id).map_err(|e| e.to_string())? {
+                Some(rec) => {
+                    eprintln!("deleted key {} ({})", rec.id, rec.name);
+                    Ok(())
+                }
+                None => Err(format!("no key with id {id}")),
             }
-            None => Err(format!("no key with id {id}")),
-        },
+        }
     }
 }
 
 fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {
     let (_master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
+    let org = store.tenant().map_err(|e| e.to_string())?.org_id;
     match cmd {
         SecretsCommand::Put { name, secret_type } => {
             let name = name.trim().to_owned();
@@ -261,8 +269,14 @@ fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {
                 return Err("the secret name must not be empty".into());
             }
             let value = read_secret_from_stdin()?;
+            let write = AiSecretWrite {
+                name,
+                secret_type,
+                metadata: None,
+                secret: Some(value),
+            };
             let rec = store
-                .put_ai_secret(&name, secret_type.as_deref(), &value)
+                .write_ai_secret(&org, write, WriteMode::SetValue)
                 .map_err(|e| e.to_string())?;
             eprintln!(
                 "stored secret {} ({}), preview {}",
@@ -273,7 +287,9 @@ fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {
             Ok(())
         }
         SecretsCommand::List => {
-            let list = store.list_ai_secrets().map_err(|e| e.to_string())?;
+            let list = store
+                .list_ai_secrets(&ListQuery::all(&org, u32::MAX), &[])
+                .map_err(|e| e.to_string())?;
             println!(
                 "{:<36}  {:<24}  {:<10}  {:<9}  {:<24}",
                 "ID", "UPDATED", "TYPE", "PREVIEW", "NAME"
@@ -291,7 +307,10 @@ fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {
             Ok(())
         }
         SecretsCommand::Delete { name } => {
-            match store.delete_ai_secret(&name).map_err(|e| e.to_string())? {
+            match store
+                .delete_ai_secret(&org, SecretRef::Name(&name))
+                .map_err(|e| e.to_string())?
+            {
                 Some(rec) => {
                     eprintln!("deleted secret {}", rec.name);
                     Ok(())

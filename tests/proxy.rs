@@ -103,17 +103,14 @@ async fn every_401_is_identical_and_never_reaches_the_upstream() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "UPSTREAM_KEY")], "").await;
-    let (master, store) = kg.store();
-    let (revoked, rec) =
-        keygate::store::issue_key(store.as_ref(), &master, "gone", keygate::store::Role::Proxy)
-            .unwrap();
-    let revoked = revoked.expose().to_owned();
+    let (revoked, revoked_id) = make_key(&kg, keygate::store::Role::Proxy);
+    let (_, store) = kg.store();
     let client = ca.client(false);
     // Let the revoked key be cached as valid first, then delete it.
     let (s, _, _) = send(&client, get(&kg.url("/"), &[("x-api-key", &revoked)])).await;
     assert_eq!(s, StatusCode::CREATED);
     use keygate::store::Store;
-    store.delete_api_key(&rec.id).unwrap();
+    store.delete_api_key(None, &revoked_id).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let before = up.recorded().len();
 
@@ -358,10 +355,12 @@ async fn unrouted_paths_get_404_and_missing_secrets_503() {
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"].is_string());
-    let (master, store) = kg.store();
-    let _ = master;
+    let (_, store) = kg.store();
     use keygate::store::Store;
-    store.delete_ai_secret("K").unwrap();
+    let org = store.tenant().unwrap().org_id;
+    store
+        .delete_ai_secret(&org, keygate::store::SecretRef::Name("K"))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let (s, _, body) = send(&client, get(&kg.url("/v1/x"), &[("x-api-key", &kg.key)])).await;
@@ -375,13 +374,7 @@ async fn unrouted_paths_get_404_and_missing_secrets_503() {
     }
     let n = up.recorded().len();
     // Put a new value: the next requests use it.
-    store
-        .put_ai_secret(
-            "K",
-            Some("openai"),
-            &keygate::secret::Secret::new("rotated-value-9876".into()),
-        )
-        .unwrap();
+    put_secret(store.as_ref(), "K", "rotated-value-9876");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let (s, _, _) = send(&client, get(&kg.url("/v1/x"), &[("x-api-key", &kg.key)])).await;
@@ -504,7 +497,10 @@ async fn cleartext_http_gets_a_plain_400_and_a_leaked_key_is_flagged() {
     );
     let (_, store) = kg.store();
     use keygate::store::Store;
-    let keys = store.list_api_keys().unwrap();
+    let org = store.tenant().unwrap().org_id;
+    let keys = store
+        .list_api_keys(&keygate::store::ListQuery::all(&org, 100))
+        .unwrap();
     let flagged = keys.iter().find(|k| k.id == kg.key_id).unwrap();
     assert!(flagged.exposed.is_some(), "leaked key not flagged");
     assert!(keys

@@ -51,11 +51,16 @@ impl Credentials {
 
     /// Re-reads every route's secret from the store and swaps the table. Blocking.
     /// Warns (without the value) about each route left without a credential.
-    pub fn refresh(&self, store: &dyn Store, routes: &[Route]) -> Result<(), StoreError> {
+    pub fn refresh(
+        &self,
+        store: &dyn Store,
+        org_id: &str,
+        routes: &[Route],
+    ) -> Result<(), StoreError> {
         let mut table = Vec::with_capacity(routes.len());
         for route in routes {
             let Inject::AiSecret(name) = &route.inject;
-            let cred = match store.ai_secret_value(name)? {
+            let cred = match store.ai_secret_value(org_id, name)? {
                 None => {
                     tracing::warn!(route = %route.prefix, ai_secret = %name,
                         "route names an ai_secret that does not exist; it answers 503 until it does");

@@ -7,10 +7,14 @@
 //! Change detection: every write to keys or secrets bumps a revision counter in the same
 //! transaction (SQLite triggers, so writes from any process count). The server polls
 //! [`Store::revisions`] and drops what it cached when a counter moves.
+//!
+//! Lists are newest first (`created DESC, id DESC`) and paged by cursor: ids are UUID v7 whose
+//! timestamp is the `created` time, so a cursor keeps its place even when its object was deleted
+//! between two pages.
 
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{now_rfc3339, SqliteStore};
 
 use crate::crypto::KeyDigest;
 use crate::secret::Secret;
@@ -35,6 +39,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store schema version {found} is newer than this keygate understands ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
+    /// The write would break a uniqueness rule (a name already taken); a client error.
+    #[error("{0}")]
+    Conflict(String),
+    /// A pagination cursor names no object and carries no usable position.
+    #[error("cursor {0} names no object")]
+    UnknownCursor(String),
 }
 
 /// What a key may do.
@@ -90,6 +100,8 @@ pub struct Principal {
 
 /// A new key to insert: the caller generated the key and computed its digest and preview.
 pub struct NewApiKey {
+    pub org_id: String,
+    pub user_id: String,
     pub name: String,
     pub role: Role,
     pub digest: KeyDigest,
@@ -105,8 +117,49 @@ pub struct AiSecretRecord {
     pub org_id: String,
     pub name: String,
     pub secret_type: Option<String>,
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub preview_secret: Option<String>,
+}
+
+/// The scope an env var belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectType {
+    Organization,
+    Project,
+    Function,
+}
+
+impl ObjectType {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectType::Organization => "organization",
+            ObjectType::Project => "project",
+            ObjectType::Function => "function",
+        }
+    }
+
+    /// Parses the wire name; anything else is `None`.
+    pub fn parse(s: &str) -> Option<ObjectType> {
+        match s {
+            "organization" => Some(ObjectType::Organization),
+            "project" => Some(ObjectType::Project),
+            "function" => Some(ObjectType::Function),
+            _ => None,
+        }
+    }
+}
+
+/// An env var as listed: never the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvVarRecord {
+    pub id: String,
+    pub created: String,
+    pub org_id: String,
+    pub object_type: ObjectType,
+    pub object_id: String,
+    pub name: String,
+    pub used: Option<String>,
 }
 
 /// The change counters the server polls.
@@ -124,55 +177,251 @@ pub struct Tenant {
     pub user_id: String,
 }
 
-/// The store interface. Methods block: async callers use `spawn_blocking`.
-pub trait Store: Send + Sync + 'static {
-    /// The default org and user.
-    fn tenant(&self) -> Result<Tenant, StoreError>;
-    /// Inserts a key for the default org and user.
-    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError>;
-    /// All keys, newest first.
-    fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
-    /// Deletes a key; `None` when there was none with that id.
-    fn delete_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// The number of keys.
-    fn count_api_keys(&self) -> Result<u64, StoreError>;
+/// Where a page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Page {
+    /// The newest objects.
+    First,
+    /// The objects older than this id.
+    After(String),
+    /// The objects newer than this id (still returned newest first).
+    Before(String),
+}
+
+/// A list request, already validated.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub org_id: String,
+    /// Only these ids (empty: no id filter).
+    pub ids: Vec<String>,
+    /// Only objects with exactly this name.
+    pub name: Option<String>,
+    pub page: Page,
+    pub limit: u32,
+}
+
+impl ListQuery {
+    /// Everything of an org, newest first, up to `limit`.
+    pub fn all(org_id: &str, limit: u32) -> Self {
+        ListQuery {
+            org_id: org_id.to_owned(),
+            ids: Vec::new(),
+            name: None,
+            page: Page::First,
+            limit,
+        }
+    }
+}
+
+/// How a named write treats an existing object of that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// POST: create, or return the existing object unmodified.
+    CreateOrGet,
+    /// PUT: create, or replace the existing object's fields (an omitted value keeps the
+    /// stored one).
+    Replace,
+    /// The CLI's `secrets put`: create, or set the value (and the type when given), keeping
+    /// everything else.
+    SetValue,
+}
+
+/// The fields of an ai_secret write (POST, PUT, CLI).
+#[derive(Debug, Clone)]
+pub struct AiSecretWrite {
+    pub name: String,
+    pub secret_type: Option<String>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub secret: Option<Secret>,
+}
+
+/// A PATCH of an ai_secret: `None` leaves a field as it is; `metadata` is deep-merged.
+#[derive(Debug, Clone, Default)]
+pub struct AiSecretPatch {
+    pub name: Option<String>,
+    pub secret_type: Option<String>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub secret: Option<Secret>,
+}
+
+/// The fields of an env var write (POST, PUT).
+#[derive(Debug, Clone)]
+pub struct EnvVarWrite {
+    pub object_type: ObjectType,
+    pub object_id: String,
+    pub name: String,
+    pub value: Option<Secret>,
+}
+
+/// Filters of an env var list, besides the common ones.
+#[derive(Debug, Clone, Default)]
+pub struct EnvVarFilter {
+    pub object_type: Option<ObjectType>,
+    pub object_id: Option<String>,
+}
+
+/// How to name the ai_secret to delete.
+#[derive(Debug, Clone)]
+pub enum SecretRef<'a> {
+    Id(&'a str),
+    Name(&'a str),
+}
+
+/// The one lookup the hot path's key cache needs.
+pub trait KeyLookup: Send + Sync + 'static {
     /// The principal of a key digest, with the keys revision it was read at.
     fn principal_by_digest(
         &self,
         digest: &KeyDigest,
     ) -> Result<(Option<Principal>, u64), StoreError>;
+}
+
+/// The store interface. Methods block: async callers use `spawn_blocking`.
+pub trait Store: KeyLookup {
+    /// The default org and user.
+    fn tenant(&self) -> Result<Tenant, StoreError>;
+    /// The id of the org with this name.
+    fn org_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Inserts a key.
+    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError>;
+    /// A page of keys, newest first.
+    fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// One key of an org.
+    fn get_api_key(&self, org_id: &str, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Deletes a key (of `org_id` when given); `None` when there was none.
+    fn delete_api_key(
+        &self,
+        org_id: Option<&str>,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// The number of keys.
+    fn count_api_keys(&self) -> Result<u64, StoreError>;
     /// Marks a key as seen in cleartext (keeps the first time it was).
     fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError>;
-    /// Creates or replaces an ai_secret of the default org by name.
-    fn put_ai_secret(
+
+    /// A page of ai_secrets, newest first; `types` filters by type when not empty.
+    fn list_ai_secrets(
         &self,
-        name: &str,
-        secret_type: Option<&str>,
-        value: &Secret,
+        q: &ListQuery,
+        types: &[String],
+    ) -> Result<Vec<AiSecretRecord>, StoreError>;
+    /// One ai_secret of an org.
+    fn get_ai_secret(&self, org_id: &str, id: &str) -> Result<Option<AiSecretRecord>, StoreError>;
+    /// Creates or updates an ai_secret by name, as `mode` says.
+    fn write_ai_secret(
+        &self,
+        org_id: &str,
+        w: AiSecretWrite,
+        mode: WriteMode,
     ) -> Result<AiSecretRecord, StoreError>;
-    /// All ai_secrets of the default org, newest first.
-    fn list_ai_secrets(&self) -> Result<Vec<AiSecretRecord>, StoreError>;
-    /// Deletes an ai_secret of the default org by name.
-    fn delete_ai_secret(&self, name: &str) -> Result<Option<AiSecretRecord>, StoreError>;
-    /// An ai_secret of the default org with its decrypted value.
-    fn ai_secret_value(&self, name: &str) -> Result<Option<(AiSecretRecord, Secret)>, StoreError>;
+    /// Patches an ai_secret; `None` when there is none with that id.
+    fn patch_ai_secret(
+        &self,
+        org_id: &str,
+        id: &str,
+        p: AiSecretPatch,
+    ) -> Result<Option<AiSecretRecord>, StoreError>;
+    /// Deletes an ai_secret by id or name.
+    fn delete_ai_secret(
+        &self,
+        org_id: &str,
+        r: SecretRef<'_>,
+    ) -> Result<Option<AiSecretRecord>, StoreError>;
+    /// An ai_secret with its decrypted value (`None` also when it has no value).
+    fn ai_secret_value(
+        &self,
+        org_id: &str,
+        name: &str,
+    ) -> Result<Option<(AiSecretRecord, Secret)>, StoreError>;
+
+    /// A page of env vars, newest first.
+    fn list_env_vars(
+        &self,
+        q: &ListQuery,
+        f: &EnvVarFilter,
+    ) -> Result<Vec<EnvVarRecord>, StoreError>;
+    /// One env var of an org.
+    fn get_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError>;
+    /// Creates or replaces an env var by (object, name), as `mode` says.
+    fn write_env_var(
+        &self,
+        org_id: &str,
+        w: EnvVarWrite,
+        mode: WriteMode,
+    ) -> Result<EnvVarRecord, StoreError>;
+    /// Renames an env var and sets its value when given; `None` when there is none.
+    fn patch_env_var(
+        &self,
+        org_id: &str,
+        id: &str,
+        name: &str,
+        value: Option<Secret>,
+    ) -> Result<Option<EnvVarRecord>, StoreError>;
+    /// Deletes an env var.
+    fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError>;
+
     /// The change counters.
     fn revisions(&self) -> Result<Revisions, StoreError>;
 }
 
-/// Generates a new key, stores its digest, and returns the key (to show once) and its record.
+/// Generates a new key for the org and user, stores its digest, and returns the key (to show
+/// once) and its record.
 pub fn issue_key(
     store: &dyn Store,
     master: &crate::crypto::MasterKey,
+    owner: (&str, &str),
     name: &str,
     role: Role,
 ) -> Result<(Secret, ApiKeyRecord), StoreError> {
     let key = master.generate_key()?;
     let rec = store.create_api_key(NewApiKey {
+        org_id: owner.0.to_owned(),
+        user_id: owner.1.to_owned(),
         name: name.to_owned(),
         role,
         digest: master.digest(key.expose()),
         preview_name: crate::crypto::key_preview(&key),
     })?;
     Ok((key, rec))
+}
+
+/// Deep-merges `patch` into `base`: objects merge key by key, anything else replaces.
+pub fn merge_metadata(
+    base: &mut serde_json::Map<String, serde_json::Value>,
+    patch: serde_json::Map<String, serde_json::Value>,
+) {
+    for (k, v) in patch {
+        match (base.get_mut(&k), v) {
+            (Some(serde_json::Value::Object(b)), serde_json::Value::Object(p)) => {
+                merge_metadata(b, p)
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn metadata_merges_deeply_and_replaces_scalars_and_arrays() {
+        let mut base = json!({"a": {"x": 1, "y": [1, 2]}, "b": 1, "c": "keep"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let patch = json!({"a": {"y": [3], "z": true}, "b": {"n": 1}, "d": null})
+            .as_object()
+            .unwrap()
+            .clone();
+        merge_metadata(&mut base, patch);
+        assert_eq!(
+            serde_json::Value::Object(base),
+            json!({"a": {"x": 1, "y": [3], "z": true}, "b": {"n": 1}, "c": "keep", "d": null})
+        );
+    }
 }

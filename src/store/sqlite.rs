@@ -2,16 +2,22 @@
 //! CLI (each opens its own connection; SQLite serialises writers, `busy_timeout` waits).
 //!
 //! `synchronous = FULL` because writes are rare (key and secret management) and a committed key
-//! or secret must survive a power cut as well as a `kill -9`.
+//! or secret must survive a power cut as well as a `kill -9`. Every write is one transaction.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use rusqlite::types::Value;
+use rusqlite::{
+    params, params_from_iter, Connection, OptionalExtension, Row, Transaction, TransactionBehavior,
+};
+use serde_json::Map;
 
 use super::{
-    AiSecretRecord, ApiKeyRecord, NewApiKey, Principal, Revisions, Role, Store, StoreError, Tenant,
+    merge_metadata, AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter,
+    EnvVarRecord, EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal,
+    Revisions, Role, SecretRef, Store, StoreError, Tenant, WriteMode,
 };
 use crate::crypto::{KeyDigest, MasterKey};
 use crate::secret::Secret;
@@ -53,16 +59,19 @@ CREATE TABLE IF NOT EXISTS ai_secrets (
   preview_secret TEXT,
   UNIQUE (org_id, name)
 );
+CREATE INDEX IF NOT EXISTS ai_secrets_list ON ai_secrets (org_id, created DESC, id DESC);
 CREATE TABLE IF NOT EXISTS env_vars (
   id TEXT PRIMARY KEY,
   created TEXT NOT NULL,
+  org_id TEXT NOT NULL REFERENCES orgs(id),
   object_type TEXT NOT NULL CHECK (object_type IN ('organization', 'project', 'function')),
   object_id TEXT NOT NULL,
   name TEXT NOT NULL,
   sealed BLOB,
   used TEXT,
-  UNIQUE (object_type, object_id, name)
+  UNIQUE (org_id, object_type, object_id, name)
 );
+CREATE INDEX IF NOT EXISTS env_vars_list ON env_vars (org_id, created DESC, id DESC);
 CREATE TRIGGER IF NOT EXISTS api_keys_ins AFTER INSERT ON api_keys
   BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'keys'; END;
 CREATE TRIGGER IF NOT EXISTS api_keys_upd AFTER UPDATE ON api_keys
@@ -75,6 +84,12 @@ CREATE TRIGGER IF NOT EXISTS ai_secrets_upd AFTER UPDATE ON ai_secrets
   BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'secrets'; END;
 CREATE TRIGGER IF NOT EXISTS ai_secrets_del AFTER DELETE ON ai_secrets
   BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'secrets'; END;
+CREATE TRIGGER IF NOT EXISTS env_vars_ins AFTER INSERT ON env_vars
+  BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'env_vars'; END;
+CREATE TRIGGER IF NOT EXISTS env_vars_upd AFTER UPDATE ON env_vars
+  BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'env_vars'; END;
+CREATE TRIGGER IF NOT EXISTS env_vars_del AFTER DELETE ON env_vars
+  BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'env_vars'; END;
 "#;
 
 /// The SQLite store.
@@ -89,18 +104,38 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-/// The current time as the wire format wants it: RFC 3339, milliseconds, `Z`.
-pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
+fn format_time(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    now.format(&fmt)
+    t.format(&fmt)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
 }
 
-fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+/// The current time as the wire format wants it: RFC 3339, milliseconds, `Z`.
+pub fn now_rfc3339() -> String {
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+/// A new id (UUID v7) and the `created` time it encodes.
+fn new_id() -> (String, String) {
+    let id = uuid::Uuid::now_v7();
+    let created = created_of(&id).unwrap_or_else(now_rfc3339);
+    (id.to_string(), created)
+}
+
+/// The creation time a UUID v7 encodes.
+fn created_of(id: &uuid::Uuid) -> Option<String> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(
+        secs as i128 * 1_000_000_000 + nanos as i128,
+    )
+    .ok()?;
+    Some(format_time(t))
+}
+
+fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
 
 impl SqliteStore {
@@ -133,7 +168,7 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = immediate(&mut conn)?;
         tx.execute_batch(SCHEMA)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         check_or_set_fingerprint(&tx, &master.fingerprint())?;
@@ -151,19 +186,10 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn tenant_in(tx: &Connection) -> Result<Tenant, StoreError> {
-        Ok(tx.query_row(
-            "SELECT o.id, o.name, u.id FROM orgs o JOIN users u ON u.org_id = o.id
-             ORDER BY o.created, u.created LIMIT 1",
-            [],
-            |r| {
-                Ok(Tenant {
-                    org_id: r.get(0)?,
-                    org_name: r.get(1)?,
-                    user_id: r.get(2)?,
-                })
-            },
-        )?)
+    fn seal(&self, kind: &str, id: &str, value: &Secret) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .master
+            .seal(&format!("{kind}:{id}"), value.expose().as_bytes())?)
     }
 }
 
@@ -191,19 +217,36 @@ fn check_or_set_fingerprint(tx: &Transaction<'_>, fp: &[u8; 32]) -> Result<(), S
 fn ensure_tenant(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let n: i64 = tx.query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get(0))?;
     if n == 0 {
-        let now = now_rfc3339();
-        let org = new_id();
+        let (org, now) = new_id();
         tx.execute(
             "INSERT INTO orgs (id, name, created) VALUES (?1, 'default', ?2)",
             params![org, now],
         )?;
         tx.execute(
             "INSERT INTO users (id, org_id, created) VALUES (?1, ?2, ?3)",
-            params![new_id(), org, now],
+            params![new_id().0, org, now],
         )?;
     }
     Ok(())
 }
+
+fn tenant_in(conn: &Connection) -> Result<Tenant, StoreError> {
+    Ok(conn.query_row(
+        "SELECT o.id, o.name, u.id FROM orgs o JOIN users u ON u.org_id = o.id
+         ORDER BY o.created, o.id, u.created, u.id LIMIT 1",
+        [],
+        |r| {
+            Ok(Tenant {
+                org_id: r.get(0)?,
+                org_name: r.get(1)?,
+                user_id: r.get(2)?,
+            })
+        },
+    )?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows.
 
 const KEY_COLUMNS: &str = "id, created, name, preview_name, user_id, org_id, role, exposed";
 
@@ -239,83 +282,129 @@ fn secret_from_row(r: &Row<'_>) -> rusqlite::Result<AiSecretRecord> {
     })
 }
 
-fn secret_context(id: &str) -> String {
-    format!("ai_secret:{id}")
+const ENV_COLUMNS: &str = "id, created, org_id, object_type, object_id, name, used";
+
+fn env_from_row(r: &Row<'_>) -> rusqlite::Result<EnvVarRecord> {
+    let ot: String = r.get(3)?;
+    Ok(EnvVarRecord {
+        id: r.get(0)?,
+        created: r.get(1)?,
+        org_id: r.get(2)?,
+        object_type: ObjectType::parse(&ot).unwrap_or(ObjectType::Project),
+        object_id: r.get(4)?,
+        name: r.get(5)?,
+        used: r.get(6)?,
+    })
 }
 
-fn revision(tx: &Connection, name: &str) -> Result<u64, StoreError> {
-    let n: i64 = tx.query_row("SELECT n FROM revisions WHERE name = ?1", [name], |r| {
+fn metadata_text(m: &Option<Map<String, serde_json::Value>>) -> Option<String> {
+    m.as_ref()
+        .map(|m| serde_json::Value::Object(m.clone()).to_string())
+}
+
+fn one<T>(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>, StoreError> {
+    Ok(conn.query_row(sql, p, f).optional()?)
+}
+
+fn revision(conn: &Connection, name: &str) -> Result<u64, StoreError> {
+    let n: i64 = conn.query_row("SELECT n FROM revisions WHERE name = ?1", [name], |r| {
         r.get(0)
     })?;
     Ok(n.max(0) as u64)
 }
 
-impl Store for SqliteStore {
-    fn tenant(&self) -> Result<Tenant, StoreError> {
-        Self::tenant_in(&self.conn())
+/// One page of `table`, newest first, by the common filters plus `extra` (SQL, values).
+fn list_page<T>(
+    conn: &Connection,
+    table: &str,
+    columns: &str,
+    q: &ListQuery,
+    extra: Vec<(String, Vec<Value>)>,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut sql = format!("SELECT {columns} FROM {table} WHERE org_id = ?");
+    let mut values: Vec<Value> = vec![Value::Text(q.org_id.clone())];
+    if !q.ids.is_empty() {
+        sql.push_str(&format!(
+            " AND id IN ({})",
+            vec!["?"; q.ids.len()].join(", ")
+        ));
+        values.extend(q.ids.iter().cloned().map(Value::Text));
     }
-
-    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let tenant = Self::tenant_in(&tx)?;
-        let id = new_id();
-        tx.execute(
-            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                id,
-                now_rfc3339(),
-                new.name,
-                new.preview_name,
-                tenant.user_id,
-                tenant.org_id,
-                new.role.as_str(),
-                new.digest.as_slice()
-            ],
-        )?;
-        let rec = tx.query_row(
-            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-            [&id],
-            key_from_row,
-        )?;
-        tx.commit()?;
-        Ok(rec)
+    if let Some(name) = &q.name {
+        sql.push_str(" AND name = ?");
+        values.push(Value::Text(name.clone()));
     }
-
-    fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created DESC, id DESC"
-        ))?;
-        let rows = stmt.query_map([], key_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    for (clause, vals) in extra {
+        sql.push_str(" AND ");
+        sql.push_str(&clause);
+        values.extend(vals);
     }
-
-    fn delete_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let rec = tx
-            .query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-                [id],
-                key_from_row,
-            )
-            .optional()?;
-        if rec.is_some() {
-            tx.execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
-        }
-        tx.commit()?;
-        Ok(rec)
+    let (cmp, order, reverse) = match &q.page {
+        Page::First => (None, "DESC", false),
+        Page::After(id) => (
+            Some(("<", cursor_position(conn, table, id)?)),
+            "DESC",
+            false,
+        ),
+        Page::Before(id) => (Some((">", cursor_position(conn, table, id)?)), "ASC", true),
+    };
+    if let Some((op, (created, id))) = cmp {
+        sql.push_str(&format!(
+            " AND (created {op} ? OR (created = ? AND id {op} ?))"
+        ));
+        values.extend([
+            Value::Text(created.clone()),
+            Value::Text(created),
+            Value::Text(id),
+        ]);
     }
-
-    fn count_api_keys(&self) -> Result<u64, StoreError> {
-        let n: i64 = self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
-        Ok(n.max(0) as u64)
+    sql.push_str(&format!(" ORDER BY created {order}, id {order} LIMIT ?"));
+    values.push(Value::Integer(q.limit as i64));
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt
+        .query_map(params_from_iter(values), row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    if reverse {
+        rows.reverse();
     }
+    Ok(rows)
+}
 
+/// Where a cursor stands: its object's (created, id), or for a deleted object the time its
+/// UUID v7 encodes.
+fn cursor_position(
+    conn: &Connection,
+    table: &str,
+    id: &str,
+) -> Result<(String, String), StoreError> {
+    let found: Option<String> = conn
+        .query_row(
+            &format!("SELECT created FROM {table} WHERE id = ?1"),
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(created) = found {
+        return Ok((created, id.to_owned()));
+    }
+    uuid::Uuid::parse_str(id)
+        .ok()
+        .and_then(|u| created_of(&u))
+        .map(|created| (created, id.to_owned()))
+        .ok_or_else(|| StoreError::UnknownCursor(id.to_owned()))
+}
+
+fn name_taken(what: &str, name: &str) -> StoreError {
+    StoreError::Conflict(format!("an {what} named {name:?} already exists"))
+}
+
+impl KeyLookup for SqliteStore {
     fn principal_by_digest(
         &self,
         digest: &KeyDigest,
@@ -350,6 +439,95 @@ impl Store for SqliteStore {
         });
         Ok((principal, rev))
     }
+}
+
+impl Store for SqliteStore {
+    fn tenant(&self) -> Result<Tenant, StoreError> {
+        tenant_in(&self.conn())
+    }
+
+    fn org_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT id FROM orgs WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let (id, created) = new_id();
+        tx.execute(
+            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                id,
+                created,
+                new.name,
+                new.preview_name,
+                new.user_id,
+                new.org_id,
+                new.role.as_str(),
+                new.digest.as_slice()
+            ],
+        )?;
+        let rec = tx.query_row(
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+            [&id],
+            key_from_row,
+        )?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        list_page(
+            &self.conn(),
+            "api_keys",
+            KEY_COLUMNS,
+            q,
+            Vec::new(),
+            key_from_row,
+        )
+    }
+
+    fn get_api_key(&self, org_id: &str, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        one(
+            &self.conn(),
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = ?1 AND id = ?2"),
+            [org_id, id],
+            key_from_row,
+        )
+    }
+
+    fn delete_api_key(
+        &self,
+        org_id: Option<&str>,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let rec = one(
+            &tx,
+            &format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1 AND (?2 IS NULL OR org_id = ?2)"
+            ),
+            params![id, org_id],
+            key_from_row,
+        )?;
+        if rec.is_some() {
+            tx.execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    fn count_api_keys(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
 
     fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError> {
         self.conn().execute(
@@ -359,73 +537,170 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn put_ai_secret(
+    fn list_ai_secrets(
         &self,
-        name: &str,
-        secret_type: Option<&str>,
-        value: &Secret,
+        q: &ListQuery,
+        types: &[String],
+    ) -> Result<Vec<AiSecretRecord>, StoreError> {
+        let mut extra = Vec::new();
+        if !types.is_empty() {
+            extra.push((
+                format!("type IN ({})", vec!["?"; types.len()].join(", ")),
+                types.iter().cloned().map(Value::Text).collect(),
+            ));
+        }
+        list_page(
+            &self.conn(),
+            "ai_secrets",
+            SECRET_COLUMNS,
+            q,
+            extra,
+            secret_from_row,
+        )
+    }
+
+    fn get_ai_secret(&self, org_id: &str, id: &str) -> Result<Option<AiSecretRecord>, StoreError> {
+        one(
+            &self.conn(),
+            &format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND id = ?2"),
+            [org_id, id],
+            secret_from_row,
+        )
+    }
+
+    fn write_ai_secret(
+        &self,
+        org_id: &str,
+        w: AiSecretWrite,
+        mode: WriteMode,
     ) -> Result<AiSecretRecord, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let tenant = Self::tenant_in(&tx)?;
+        let tx = immediate(&mut conn)?;
+        let by_name =
+            format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND name = ?2");
+        let existing = one(&tx, &by_name, [org_id, w.name.as_str()], secret_from_row)?;
         let now = now_rfc3339();
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT id FROM ai_secrets WHERE org_id = ?1 AND name = ?2",
-                params![tenant.org_id, name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let id = existing.clone().unwrap_or_else(new_id);
-        let sealed = self
-            .master
-            .seal(&secret_context(&id), value.expose().as_bytes())?;
-        let preview = value.preview("");
-        match existing {
-            Some(_) => {
+        match (existing, mode) {
+            (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
+            (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
+                let (ty, meta) = match mode {
+                    WriteMode::Replace => (w.secret_type.clone(), metadata_text(&w.metadata)),
+                    _ => (
+                        w.secret_type.clone().or(rec.secret_type.clone()),
+                        metadata_text(&w.metadata.clone().or(rec.metadata.clone())),
+                    ),
+                };
                 tx.execute(
-                    "UPDATE ai_secrets SET updated_at = ?2, type = ?3, sealed = ?4, preview_secret = ?5
-                     WHERE id = ?1",
-                    params![id, now, secret_type, sealed, preview],
+                    "UPDATE ai_secrets SET updated_at = ?2, type = ?3, metadata = ?4 WHERE id = ?1",
+                    params![rec.id, now, ty, meta],
                 )?;
+                if let Some(secret) = &w.secret {
+                    let sealed = self.seal("ai_secret", &rec.id, secret)?;
+                    tx.execute(
+                        "UPDATE ai_secrets SET sealed = ?2, preview_secret = ?3 WHERE id = ?1",
+                        params![rec.id, sealed, secret.preview("")],
+                    )?;
+                }
             }
-            None => {
+            (None, _) => {
+                let (id, created) = new_id();
+                let sealed = w
+                    .secret
+                    .as_ref()
+                    .map(|s| self.seal("ai_secret", &id, s))
+                    .transpose()?;
                 tx.execute(
-                    "INSERT INTO ai_secrets (id, created, updated_at, org_id, name, type, sealed, preview_secret)
-                     VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![id, now, tenant.org_id, name, secret_type, sealed, preview],
+                    "INSERT INTO ai_secrets (id, created, updated_at, org_id, name, type, metadata, sealed, preview_secret)
+                     VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        id,
+                        created,
+                        org_id,
+                        w.name,
+                        w.secret_type,
+                        metadata_text(&w.metadata),
+                        sealed,
+                        w.secret.as_ref().map(|s| s.preview(""))
+                    ],
                 )?;
             }
         }
-        let rec = tx.query_row(
-            &format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE id = ?1"),
-            [&id],
-            secret_from_row,
-        )?;
+        let rec =
+            one(&tx, &by_name, [org_id, w.name.as_str()], secret_from_row)?.ok_or_else(|| {
+                StoreError::Corrupt("ai_secret vanished inside its transaction".into())
+            })?;
         tx.commit()?;
         Ok(rec)
     }
 
-    fn list_ai_secrets(&self) -> Result<Vec<AiSecretRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {SECRET_COLUMNS} FROM ai_secrets ORDER BY created DESC, id DESC"
-        ))?;
-        let rows = stmt.query_map([], secret_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    fn patch_ai_secret(
+        &self,
+        org_id: &str,
+        id: &str,
+        p: AiSecretPatch,
+    ) -> Result<Option<AiSecretRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let by_id =
+            format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND id = ?2");
+        let Some(rec) = one(&tx, &by_id, [org_id, id], secret_from_row)? else {
+            return Ok(None);
+        };
+        if let Some(name) = p.name.as_ref().filter(|n| **n != rec.name) {
+            let taken: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM ai_secrets WHERE org_id = ?1 AND name = ?2",
+                    [org_id, name.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if taken.is_some() {
+                return Err(name_taken("ai_secret", name));
+            }
+        }
+        let mut metadata = rec.metadata.clone();
+        if let Some(patch) = p.metadata {
+            merge_metadata(metadata.get_or_insert_with(Map::new), patch);
+        }
+        tx.execute(
+            "UPDATE ai_secrets SET updated_at = ?2, name = ?3, type = ?4, metadata = ?5 WHERE id = ?1",
+            params![
+                id,
+                now_rfc3339(),
+                p.name.unwrap_or(rec.name),
+                p.secret_type.or(rec.secret_type),
+                metadata_text(&metadata)
+            ],
+        )?;
+        if let Some(secret) = &p.secret {
+            let sealed = self.seal("ai_secret", id, secret)?;
+            tx.execute(
+                "UPDATE ai_secrets SET sealed = ?2, preview_secret = ?3 WHERE id = ?1",
+                params![id, sealed, secret.preview("")],
+            )?;
+        }
+        let out = one(&tx, &by_id, [org_id, id], secret_from_row)?;
+        tx.commit()?;
+        Ok(out)
     }
 
-    fn delete_ai_secret(&self, name: &str) -> Result<Option<AiSecretRecord>, StoreError> {
+    fn delete_ai_secret(
+        &self,
+        org_id: &str,
+        r: SecretRef<'_>,
+    ) -> Result<Option<AiSecretRecord>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let tenant = Self::tenant_in(&tx)?;
-        let rec = tx
-            .query_row(
-                &format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND name = ?2"),
-                params![tenant.org_id, name],
-                secret_from_row,
-            )
-            .optional()?;
+        let tx = immediate(&mut conn)?;
+        let (col, val) = match r {
+            SecretRef::Id(id) => ("id", id),
+            SecretRef::Name(name) => ("name", name),
+        };
+        let rec = one(
+            &tx,
+            &format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND {col} = ?2"),
+            [org_id, val],
+            secret_from_row,
+        )?;
         if let Some(r) = &rec {
             tx.execute("DELETE FROM ai_secrets WHERE id = ?1", [&r.id])?;
         }
@@ -433,23 +708,167 @@ impl Store for SqliteStore {
         Ok(rec)
     }
 
-    fn ai_secret_value(&self, name: &str) -> Result<Option<(AiSecretRecord, Secret)>, StoreError> {
+    fn ai_secret_value(
+        &self,
+        org_id: &str,
+        name: &str,
+    ) -> Result<Option<(AiSecretRecord, Secret)>, StoreError> {
         let conn = self.conn();
-        let tenant = Self::tenant_in(&conn)?;
         let row = conn
             .query_row(
                 &format!("SELECT {SECRET_COLUMNS}, sealed FROM ai_secrets WHERE org_id = ?1 AND name = ?2"),
-                params![tenant.org_id, name],
+                params![org_id, name],
                 |r| Ok((secret_from_row(r)?, r.get::<_, Option<Vec<u8>>>(8)?)),
             )
             .optional()?;
         match row {
             None | Some((_, None)) => Ok(None),
             Some((rec, Some(sealed))) => {
-                let value = self.master.open(&secret_context(&rec.id), &sealed)?;
+                let value = self
+                    .master
+                    .open(&format!("ai_secret:{}", rec.id), &sealed)?;
                 Ok(Some((rec, value)))
             }
         }
+    }
+
+    fn list_env_vars(
+        &self,
+        q: &ListQuery,
+        f: &EnvVarFilter,
+    ) -> Result<Vec<EnvVarRecord>, StoreError> {
+        let mut extra = Vec::new();
+        if let Some(t) = f.object_type {
+            extra.push((
+                "object_type = ?".to_owned(),
+                vec![Value::Text(t.as_str().to_owned())],
+            ));
+        }
+        if let Some(id) = &f.object_id {
+            extra.push(("object_id = ?".to_owned(), vec![Value::Text(id.clone())]));
+        }
+        list_page(
+            &self.conn(),
+            "env_vars",
+            ENV_COLUMNS,
+            q,
+            extra,
+            env_from_row,
+        )
+    }
+
+    fn get_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError> {
+        one(
+            &self.conn(),
+            &format!("SELECT {ENV_COLUMNS} FROM env_vars WHERE org_id = ?1 AND id = ?2"),
+            [org_id, id],
+            env_from_row,
+        )
+    }
+
+    fn write_env_var(
+        &self,
+        org_id: &str,
+        w: EnvVarWrite,
+        mode: WriteMode,
+    ) -> Result<EnvVarRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let by_name = format!(
+            "SELECT {ENV_COLUMNS} FROM env_vars WHERE org_id = ?1 AND object_type = ?2 AND object_id = ?3 AND name = ?4"
+        );
+        let key = [
+            org_id,
+            w.object_type.as_str(),
+            w.object_id.as_str(),
+            w.name.as_str(),
+        ];
+        match (one(&tx, &by_name, key, env_from_row)?, mode) {
+            (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
+            (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
+                if let Some(v) = &w.value {
+                    let sealed = self.seal("env_var", &rec.id, v)?;
+                    tx.execute(
+                        "UPDATE env_vars SET sealed = ?2 WHERE id = ?1",
+                        params![rec.id, sealed],
+                    )?;
+                }
+            }
+            (None, _) => {
+                let (id, created) = new_id();
+                let sealed = w
+                    .value
+                    .as_ref()
+                    .map(|v| self.seal("env_var", &id, v))
+                    .transpose()?;
+                tx.execute(
+                    "INSERT INTO env_vars (id, created, org_id, object_type, object_id, name, sealed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![id, created, org_id, w.object_type.as_str(), w.object_id, w.name, sealed],
+                )?;
+            }
+        }
+        let rec = one(&tx, &by_name, key, env_from_row)?
+            .ok_or_else(|| StoreError::Corrupt("env_var vanished inside its transaction".into()))?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    fn patch_env_var(
+        &self,
+        org_id: &str,
+        id: &str,
+        name: &str,
+        value: Option<Secret>,
+    ) -> Result<Option<EnvVarRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let by_id = format!("SELECT {ENV_COLUMNS} FROM env_vars WHERE org_id = ?1 AND id = ?2");
+        let Some(rec) = one(&tx, &by_id, [org_id, id], env_from_row)? else {
+            return Ok(None);
+        };
+        if name != rec.name {
+            let taken: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM env_vars WHERE org_id = ?1 AND object_type = ?2 AND object_id = ?3 AND name = ?4",
+                    [org_id, rec.object_type.as_str(), rec.object_id.as_str(), name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if taken.is_some() {
+                return Err(name_taken("env_var", name));
+            }
+            tx.execute(
+                "UPDATE env_vars SET name = ?2 WHERE id = ?1",
+                params![id, name],
+            )?;
+        }
+        if let Some(v) = &value {
+            let sealed = self.seal("env_var", id, v)?;
+            tx.execute(
+                "UPDATE env_vars SET sealed = ?2 WHERE id = ?1",
+                params![id, sealed],
+            )?;
+        }
+        let out = one(&tx, &by_id, [org_id, id], env_from_row)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let rec = one(
+            &tx,
+            &format!("SELECT {ENV_COLUMNS} FROM env_vars WHERE org_id = ?1 AND id = ?2"),
+            [org_id, id],
+            env_from_row,
+        )?;
+        if rec.is_some() {
+            tx.execute("DELETE FROM env_vars WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(rec)
     }
 
     fn revisions(&self) -> Result<Revisions, StoreError> {
@@ -472,13 +891,30 @@ mod tests {
         )
     }
 
+    fn put(s: &SqliteStore, org: &str, name: &str, value: &str) -> AiSecretRecord {
+        s.write_ai_secret(
+            org,
+            AiSecretWrite {
+                name: name.into(),
+                secret_type: Some("openai".into()),
+                metadata: None,
+                secret: Some(Secret::new(value.into())),
+            },
+            WriteMode::SetValue,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn keys_round_trip_and_bump_revisions() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1).unwrap();
+        let t = s.tenant().unwrap();
         let r0 = s.revisions().unwrap();
         let rec = s
             .create_api_key(NewApiKey {
+                org_id: t.org_id.clone(),
+                user_id: t.user_id.clone(),
                 name: "ci".into(),
                 role: Role::Proxy,
                 digest: [9; 32],
@@ -489,33 +925,108 @@ mod tests {
         let (p, _) = s.principal_by_digest(&[9; 32]).unwrap();
         assert_eq!(p.unwrap().key_id, rec.id);
         assert!(s.principal_by_digest(&[8; 32]).unwrap().0.is_none());
-        assert_eq!(s.list_api_keys().unwrap().len(), 1);
+        assert_eq!(
+            s.list_api_keys(&ListQuery::all(&t.org_id, 10))
+                .unwrap()
+                .len(),
+            1
+        );
         s.flag_exposed(&rec.id).unwrap();
-        assert!(s.list_api_keys().unwrap()[0].exposed.is_some());
-        assert_eq!(s.delete_api_key(&rec.id).unwrap().unwrap().id, rec.id);
-        assert!(s.delete_api_key(&rec.id).unwrap().is_none());
+        assert!(s
+            .get_api_key(&t.org_id, &rec.id)
+            .unwrap()
+            .unwrap()
+            .exposed
+            .is_some());
+        assert!(s
+            .delete_api_key(Some("other-org"), &rec.id)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            s.delete_api_key(Some(&t.org_id), &rec.id)
+                .unwrap()
+                .unwrap()
+                .id,
+            rec.id
+        );
+        assert!(s.delete_api_key(None, &rec.id).unwrap().is_none());
         assert!(s.principal_by_digest(&[9; 32]).unwrap().0.is_none());
     }
 
     #[test]
-    fn secrets_are_sealed_at_rest_and_replaced_by_name() {
+    fn pages_are_newest_first_and_cursors_survive_deletion() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1).unwrap();
-        let v = Secret::new("upstream-secret-value-123".into());
-        let a = s.put_ai_secret("OPENAI", Some("openai"), &v).unwrap();
+        let org = s.tenant().unwrap().org_id;
+        let mut made = Vec::new();
+        for i in 0..7 {
+            made.push(put(&s, &org, &format!("S{i}"), "value-12345").id);
+        }
+        made.reverse(); // newest first
+        let page = |p: Page, limit| {
+            let q = ListQuery {
+                page: p,
+                limit,
+                ..ListQuery::all(&org, 0)
+            };
+            s.list_ai_secrets(&q, &[])
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(page(Page::First, 100), made);
+        assert_eq!(page(Page::First, 3), made[..3]);
+        assert_eq!(page(Page::After(made[2].clone()), 3), made[3..6]);
+        assert_eq!(page(Page::After(made[6].clone()), 3), Vec::<String>::new());
+        assert_eq!(page(Page::Before(made[5].clone()), 2), made[3..5]);
+        assert_eq!(page(Page::Before(made[0].clone()), 2), Vec::<String>::new());
+        // A cursor whose object is gone keeps its place.
+        s.delete_ai_secret(&org, SecretRef::Id(&made[2])).unwrap();
+        assert_eq!(page(Page::After(made[2].clone()), 2), made[3..5]);
+        let bogus = uuid::Uuid::new_v4().to_string();
+        assert!(matches!(
+            s.list_ai_secrets(
+                &ListQuery {
+                    page: Page::After(bogus),
+                    ..ListQuery::all(&org, 5)
+                },
+                &[]
+            ),
+            Err(StoreError::UnknownCursor(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_are_sealed_at_rest_and_written_by_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1).unwrap();
+        let org = s.tenant().unwrap().org_id;
+        let a = put(&s, &org, "OPENAI", "upstream-secret-value-123");
         assert_eq!(a.preview_secret.as_deref(), Some("****-123"));
-        let (_, got) = s.ai_secret_value("OPENAI").unwrap().unwrap();
-        assert_eq!(got.expose(), v.expose());
-        let b = s
-            .put_ai_secret(
-                "OPENAI",
-                Some("openai"),
-                &Secret::new("second-value-xyz9".into()),
+        let (_, got) = s.ai_secret_value(&org, "OPENAI").unwrap().unwrap();
+        assert_eq!(got.expose(), "upstream-secret-value-123");
+        let post = s
+            .write_ai_secret(
+                &org,
+                AiSecretWrite {
+                    name: "OPENAI".into(),
+                    secret_type: Some("other".into()),
+                    metadata: None,
+                    secret: Some(Secret::new("ignored-value".into())),
+                },
+                WriteMode::CreateOrGet,
             )
             .unwrap();
+        assert_eq!(post, a, "POST on an existing name returns it unmodified");
+        let b = put(&s, &org, "OPENAI", "second-value-xyz9");
         assert_eq!(a.id, b.id, "replacing keeps the id");
         assert_eq!(
-            s.ai_secret_value("OPENAI").unwrap().unwrap().1.expose(),
+            s.ai_secret_value(&org, "OPENAI")
+                .unwrap()
+                .unwrap()
+                .1
+                .expose(),
             "second-value-xyz9"
         );
         drop(s);

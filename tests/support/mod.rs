@@ -24,7 +24,7 @@ use hyper_util::server::conn::auto;
 use keygate::app::{self, Running};
 use keygate::config::Config;
 use keygate::secret::Secret;
-use keygate::store::{issue_key, Role, Store};
+use keygate::store::{issue_key, AiSecretWrite, Role, Store, WriteMode};
 use keygate::tls::Ca;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -358,12 +358,12 @@ impl Keygate {
         let config = Config::parse(&text, "test").expect("test config");
         let (key, key_id) = {
             let (master, store) = app::open_store(&config, None).unwrap();
+            let t = store.tenant().unwrap();
             for (_, _, secret) in routes {
-                store
-                    .put_ai_secret(secret, Some("openai"), &Secret::new(UPSTREAM_SECRET.into()))
-                    .unwrap();
+                put_secret(store.as_ref(), secret, UPSTREAM_SECRET);
             }
-            let (k, rec) = issue_key(store.as_ref(), &master, "test", Role::Proxy).unwrap();
+            let owner = (t.org_id.as_str(), t.user_id.as_str());
+            let (k, rec) = issue_key(store.as_ref(), &master, owner, "test", Role::Proxy).unwrap();
             (k.expose().to_owned(), rec.id)
         };
         let running = app::start(config, None).await.expect("keygate starts");
@@ -540,4 +540,25 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Stores an ai_secret of type openai in the default org (the CLI's `secrets put`).
+pub fn put_secret(store: &dyn Store, name: &str, value: &str) {
+    let org = store.tenant().unwrap().org_id;
+    let w = AiSecretWrite {
+        name: name.into(),
+        secret_type: Some("openai".into()),
+        metadata: None,
+        secret: Some(Secret::new(value.into())),
+    };
+    store.write_ai_secret(&org, w, WriteMode::SetValue).unwrap();
+}
+
+/// Creates a key in the default org; returns (key, id).
+pub fn make_key(kg: &Keygate, role: Role) -> (String, String) {
+    let (master, store) = kg.store();
+    let t = store.tenant().unwrap();
+    let owner = (t.org_id.as_str(), t.user_id.as_str());
+    let (k, rec) = issue_key(store.as_ref(), &master, owner, "made", role).unwrap();
+    (k.expose().to_owned(), rec.id)
 }
