@@ -43,7 +43,7 @@ pub enum ProxyError {
 }
 
 /// The one 401 body, byte for byte the same whatever the reason.
-const UNAUTHORIZED_BODY: &str =
+pub(crate) const UNAUTHORIZED_BODY: &str =
     r#"{"error":"unauthorized: send a valid keygate key in x-api-key or Authorization: Bearer"}"#;
 
 impl ProxyError {
@@ -129,4 +129,97 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// Everything that can stop an admin API call. Bodies say what is wrong with the request;
+/// 5xx bodies say nothing about internals.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No valid key: the same 401 as the proxy's.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// A valid key without the admin role.
+    #[error("forbidden")]
+    Forbidden,
+    /// The request is wrong; the message says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No object with that id (or name).
+    #[error("{0}")]
+    NotFound(String),
+    /// No such endpoint.
+    #[error("{0}")]
+    NoEndpoint(String),
+    /// The path exists, the method does not; carries the `Allow` value.
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// The body is larger than the cap (bytes).
+    #[error("body too large")]
+    PayloadTooLarge(usize),
+    /// The key store is unreadable beyond the staleness bound.
+    #[error("key store unavailable")]
+    StoreUnavailable,
+    /// A bug or a store failure; details only in the log.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<crate::store::StoreError> for AdminError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Conflict(msg) => AdminError::BadRequest(msg),
+            StoreError::UnknownCursor(id) => {
+                AdminError::BadRequest(format!("pagination cursor {id} names no object"))
+            }
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl AdminError {
+    /// The response this error becomes, after logging it at the level it deserves.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, message): (StatusCode, std::borrow::Cow<'_, str>) = match &self {
+            AdminError::Unauthorized => {
+                return json_response(
+                    StatusCode::UNAUTHORIZED,
+                    Bytes::from_static(UNAUTHORIZED_BODY.as_bytes()),
+                );
+            }
+            AdminError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "this key has the proxy role; the admin API needs a key with the admin role".into(),
+            ),
+            AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.as_str().into()),
+            AdminError::NotFound(m) | AdminError::NoEndpoint(m) => {
+                (StatusCode::NOT_FOUND, m.as_str().into())
+            }
+            AdminError::MethodNotAllowed(allow) => {
+                let mut res = error_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("method not allowed here; allowed: {allow}"),
+                );
+                res.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                return res;
+            }
+            AdminError::PayloadTooLarge(cap) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {cap} bytes").into(),
+            ),
+            AdminError::StoreUnavailable => {
+                tracing::error!("admin API failing closed: key store unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "key store unavailable".into(),
+                )
+            }
+            AdminError::Internal(detail) => {
+                tracing::error!(detail = %detail, "admin API internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+            }
+        };
+        error_response(status, &message)
+    }
 }

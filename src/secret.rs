@@ -45,6 +45,14 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Secrets arrive in JSON bodies (admin API): deserialize straight into the wrapper, so the
+/// plain value never sits in a type that could be printed.
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,7 +124,7 @@ impl Conn {
             async move {
                 Ok::<_, Infallible>(match plane {
                     Plane::Proxy => crate::proxy::handle(&state, req).await,
-                    Plane::Admin => crate::admin::handle(&state, req).await,
+                    Plane::Admin => crate::admin::handle(state, req).await,
                 })
             }
         });

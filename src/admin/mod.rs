@@ -1,21 +1,199 @@
-//! The control plane listener. For now: `/healthz`. The admin API (`/v1/api_key`,
-//! `/v1/ai_secret`, `/v1/env_var`) is built here next.
+//! The control plane: `/healthz`, and the admin API (`/v1/api_key`, `/v1/ai_secret`,
+//! `/v1/env_var`) with the Braintrust wire contract, so the official clients work unmodified.
+//!
+//! ```text
+//!  OPTIONS (any path) ─▶ CORS preflight answer, no key needed
+//!  /healthz           ─▶ 200, no key needed
+//!  anything else      ─▶ key ─▶ 401 (same body as the proxy's) / role admin? ─▶ 403
+//!                     ─▶ route by path and method ─▶ 404 / 405
+//!                     ─▶ resource handler ─▶ one store transaction ─▶ JSON
+//! ```
+//!
+//! After a write, what the data plane caches is brought up to date before the answer goes out:
+//! a deleted key is refused on the very next request, a changed secret is used by it.
+
+pub mod ai_secrets;
+pub mod api_keys;
+pub mod env_vars;
+pub mod request;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{header, HeaderValue, Method, StatusCode};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::app::AppState;
-use crate::error::{error_response, json_response};
+use crate::error::{json_response, AdminError};
+use crate::keycache::LookupError;
+use crate::store::{Principal, Role, StoreError};
 use crate::Body;
 
 /// Serves one admin request.
-pub async fn handle(_state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => {
-            json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let mut res = if req.method() == Method::OPTIONS {
+        preflight(&req)
+    } else {
+        match route(state, req).await {
+            Ok(res) => res,
+            Err(e) => e.into_response(),
         }
-        _ => error_response(StatusCode::NOT_FOUND, "not found"),
+    };
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    res
+}
+
+/// What a handler gets: the shared state and the authenticated admin.
+pub struct Ctx {
+    pub state: Arc<AppState>,
+    pub principal: Arc<Principal>,
+}
+
+impl Ctx {
+    /// Runs a store operation off the async threads.
+    pub async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AppState) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| AdminError::Internal(format!("store task failed: {e}")))?
+            .map_err(AdminError::from)
     }
+
+    /// The org an `org_name` names, which must be the caller's; the caller's when absent.
+    pub async fn org(&self, org_name: Option<&str>) -> Result<String, AdminError> {
+        let Some(name) = org_name else {
+            return Ok(self.principal.org_id.clone());
+        };
+        let owned = name.to_owned();
+        let found = self.store(move |s| s.store.org_id_by_name(&owned)).await?;
+        match found {
+            Some(id) if id == self.principal.org_id => Ok(id),
+            _ => Err(AdminError::BadRequest(format!("unknown org_name {name:?}"))),
+        }
+    }
+}
+
+impl AppState {
+    /// After a key write: make the key cache see the new keys revision now, not at the next poll.
+    pub fn keys_changed(&self) -> Result<(), StoreError> {
+        let rev = self.store.revisions()?;
+        self.keys.note_revision(rev.keys);
+        Ok(())
+    }
+
+    /// After a secret write: rebuild the routes' credentials now, not at the next poll.
+    pub fn secrets_changed(&self) -> Result<(), StoreError> {
+        self.credentials.refresh(
+            self.store.as_ref(),
+            &self.tenant.org_id,
+            &self.config.routes,
+        )
+    }
+}
+
+/// A 200 JSON answer.
+pub fn ok(v: serde_json::Value) -> Response<Body> {
+    json_response(StatusCode::OK, Bytes::from(v.to_string()))
+}
+
+async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
+    let path = req.uri().path();
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    if path == "/healthz" {
+        return match *req.method() {
+            Method::GET | Method::HEAD => Ok(json_response(
+                StatusCode::OK,
+                Bytes::from_static(br#"{"status":"ok"}"#),
+            )),
+            _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
+        };
+    }
+    let principal = authenticate(&state, req.headers()).await?;
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let (v1, resource, id) = (parts.next(), parts.next(), parts.next());
+    if v1 != Some("v1") || id.is_some_and(|i| i.contains('/')) {
+        return Err(no_endpoint(&req));
+    }
+    let id = id.map(request::parse_id).transpose()?;
+    let ctx = Ctx { state, principal };
+    match resource {
+        Some("api_key") => api_keys::handle(&ctx, req, id).await,
+        Some("ai_secret") => ai_secrets::handle(&ctx, req, id).await,
+        Some("env_var") => env_vars::handle(&ctx, req, id).await,
+        _ => Err(no_endpoint(&req)),
+    }
+}
+
+fn no_endpoint(req: &Request<Incoming>) -> AdminError {
+    AdminError::NoEndpoint(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &http::HeaderMap,
+) -> Result<Arc<Principal>, AdminError> {
+    let key = crate::proxy::authenticate::presented_key(headers).ok_or(AdminError::Unauthorized)?;
+    match state.keys.authenticate(key).await {
+        Ok(Some(p)) if p.role == Role::Admin => Ok(p),
+        Ok(Some(_)) => Err(AdminError::Forbidden),
+        Ok(None) => Err(AdminError::Unauthorized),
+        Err(LookupError::Stale) => Err(AdminError::StoreUnavailable),
+        Err(LookupError::Store(e)) => {
+            tracing::error!(error = %e, "key lookup failed");
+            Err(AdminError::StoreUnavailable)
+        }
+    }
+}
+
+/// The CORS preflight answer. Auth travels in a header, never a cookie, so allowing any origin
+/// opens no cross-site request forgery: a page still needs the key to do anything.
+fn preflight(req: &Request<Incoming>) -> Response<Body> {
+    let mut res = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+        Bytes::new(),
+    )));
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    let requested = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .all(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).is_ok())
+            })
+        })
+        .cloned();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        requested.unwrap_or(HeaderValue::from_static(
+            "authorization, content-type, x-api-key",
+        )),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("access-control-request-headers"),
+    );
+    res
 }

@@ -1,0 +1,217 @@
+//! `/v1/ai_secret`: list, create (an existing name is returned unmodified), replace (PUT; an
+//! omitted `secret` keeps the stored one), delete by name (JSON body) or id, get, patch
+//! (`metadata` deep-merged, `null` means "no change"). The value is never returned: only
+//! `preview_secret`.
+
+use http::Method;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::request::{check_name, json_body, required_body, Params};
+use super::{ok, Ctx};
+use crate::error::AdminError;
+use crate::secret::Secret;
+use crate::store::{AiSecretPatch, AiSecretRecord, AiSecretWrite, SecretRef, WriteMode};
+use crate::Body;
+
+/// The wire form of an ai_secret (never the value).
+pub fn to_json(s: &AiSecretRecord) -> Value {
+    json!({
+        "id": s.id,
+        "created": s.created,
+        "updated_at": s.updated_at,
+        "org_id": s.org_id,
+        "name": s.name,
+        "type": s.secret_type,
+        "metadata": s.metadata,
+        "preview_secret": s.preview_secret,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteBody {
+    name: String,
+    #[serde(default, rename = "type")]
+    secret_type: Option<String>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    secret: Option<Secret>,
+    #[serde(default)]
+    org_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "type")]
+    secret_type: Option<String>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    secret: Option<Secret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBody {
+    name: String,
+    #[serde(default)]
+    org_name: Option<String>,
+}
+
+/// Routes `/v1/ai_secret[/{id}]`.
+pub async fn handle(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    id: Option<String>,
+) -> Result<Response<Body>, AdminError> {
+    match (req.method().clone(), id) {
+        (Method::GET, None) => list(ctx, &req).await,
+        (Method::POST, None) => write(ctx, req, WriteMode::CreateOrGet).await,
+        (Method::PUT, None) => write(ctx, req, WriteMode::Replace).await,
+        (Method::DELETE, None) => {
+            Params::parse(req.uri().query(), &[])?;
+            let (parts, body) = req.into_parts();
+            let b: DeleteBody = required_body(&parts.headers, body).await?;
+            let org = ctx.org(b.org_name.as_deref()).await?;
+            delete(ctx, org, Target::Name(b.name)).await
+        }
+        (Method::GET, Some(id)) => {
+            Params::parse(req.uri().query(), &[])?;
+            let org = ctx.principal.org_id.clone();
+            let found = ctx.store(move |s| s.store.get_ai_secret(&org, &id)).await?;
+            found.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+        }
+        (Method::PATCH, Some(id)) => patch(ctx, req, id).await,
+        (Method::DELETE, Some(id)) => {
+            Params::parse(req.uri().query(), &[])?;
+            delete(ctx, ctx.principal.org_id.clone(), Target::Id(id)).await
+        }
+        (_, None) => Err(AdminError::MethodNotAllowed(
+            "GET, POST, PUT, DELETE, OPTIONS",
+        )),
+        (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE, OPTIONS")),
+    }
+}
+
+fn not_found() -> AdminError {
+    AdminError::NotFound("ai_secret not found".into())
+}
+
+async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
+    let p = Params::parse(
+        req.uri().query(),
+        &[
+            "limit",
+            "starting_after",
+            "ending_before",
+            "ids",
+            "ai_secret_name",
+            "org_name",
+            "ai_secret_type",
+        ],
+    )?;
+    let org = ctx.org(p.one("org_name")?).await?;
+    let q = p.list_query(&org, "ai_secret_name")?;
+    let types = p.many("ai_secret_type");
+    let found = ctx
+        .store(move |s| s.store.list_ai_secrets(&q, &types))
+        .await?;
+    Ok(ok(
+        json!({ "objects": found.iter().map(to_json).collect::<Vec<_>>() }),
+    ))
+}
+
+fn check_type(t: &Option<String>) -> Result<(), AdminError> {
+    match t {
+        Some(t) => check_name("type", t),
+        None => Ok(()),
+    }
+}
+
+async fn write(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    mode: WriteMode,
+) -> Result<Response<Body>, AdminError> {
+    Params::parse(req.uri().query(), &[])?;
+    let (parts, body) = req.into_parts();
+    let b: WriteBody = required_body(&parts.headers, body).await?;
+    check_name("name", &b.name)?;
+    check_type(&b.secret_type)?;
+    let org = ctx.org(b.org_name.as_deref()).await?;
+    let w = AiSecretWrite {
+        name: b.name,
+        secret_type: b.secret_type,
+        metadata: b.metadata,
+        secret: b.secret,
+    };
+    let rec = ctx
+        .store(move |s| {
+            let rec = s.store.write_ai_secret(&org, w, mode)?;
+            s.secrets_changed()?;
+            Ok(rec)
+        })
+        .await?;
+    Ok(ok(to_json(&rec)))
+}
+
+async fn patch(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    id: String,
+) -> Result<Response<Body>, AdminError> {
+    Params::parse(req.uri().query(), &[])?;
+    let (parts, body) = req.into_parts();
+    let b: Option<PatchBody> = json_body(&parts.headers, body).await?;
+    let p = match b {
+        None => AiSecretPatch::default(),
+        Some(b) => {
+            if let Some(n) = &b.name {
+                check_name("name", n)?;
+            }
+            check_type(&b.secret_type)?;
+            AiSecretPatch {
+                name: b.name,
+                secret_type: b.secret_type,
+                metadata: b.metadata,
+                secret: b.secret,
+            }
+        }
+    };
+    let org = ctx.principal.org_id.clone();
+    let rec = ctx
+        .store(move |s| {
+            let rec = s.store.patch_ai_secret(&org, &id, p)?;
+            s.secrets_changed()?;
+            Ok(rec)
+        })
+        .await?;
+    rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+}
+
+enum Target {
+    Id(String),
+    Name(String),
+}
+
+async fn delete(ctx: &Ctx, org: String, target: Target) -> Result<Response<Body>, AdminError> {
+    let rec = ctx
+        .store(move |s| {
+            let r = match &target {
+                Target::Id(id) => SecretRef::Id(id),
+                Target::Name(n) => SecretRef::Name(n),
+            };
+            let rec = s.store.delete_ai_secret(&org, r)?;
+            s.secrets_changed()?;
+            Ok(rec)
+        })
+        .await?;
+    rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+}

@@ -1,0 +1,132 @@
+//! `/v1/api_key`: list, create (the raw key in this one answer), get, delete.
+//!
+//! Extension fields: `role` (`"proxy"` by default, or `"admin"`) in the create body, and `role`
+//! and `exposed` (when the key was seen over cleartext, or `null`) in every object. The official
+//! clients ignore fields they do not know.
+
+use http::Method;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::request::{check_name, json_body, Params};
+use super::{ok, Ctx};
+use crate::error::AdminError;
+use crate::store::{issue_key, ApiKeyRecord, Role};
+use crate::Body;
+
+/// The wire form of a key record (never the key).
+pub fn to_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "created": k.created,
+        "name": k.name,
+        "preview_name": k.preview_name,
+        "user_id": k.user_id,
+        "org_id": k.org_id,
+        "user_email": null,
+        "user_given_name": null,
+        "user_family_name": null,
+        "role": k.role.as_str(),
+        "exposed": k.exposed,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    org_name: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// Routes `/v1/api_key[/{id}]`.
+pub async fn handle(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    id: Option<String>,
+) -> Result<Response<Body>, AdminError> {
+    match (req.method().clone(), id) {
+        (Method::GET, None) => list(ctx, &req).await,
+        (Method::POST, None) => create(ctx, req).await,
+        (Method::GET, Some(id)) => {
+            Params::parse(req.uri().query(), &[])?;
+            let org = ctx.principal.org_id.clone();
+            let found = ctx.store(move |s| s.store.get_api_key(&org, &id)).await?;
+            found.map(|k| ok(to_json(&k))).ok_or_else(not_found)
+        }
+        (Method::DELETE, Some(id)) => {
+            Params::parse(req.uri().query(), &[])?;
+            let org = ctx.principal.org_id.clone();
+            let deleted = ctx
+                .store(move |s| {
+                    let rec = s.store.delete_api_key(Some(&org), &id)?;
+                    s.keys_changed()?;
+                    Ok(rec)
+                })
+                .await?;
+            if let Some(k) = &deleted {
+                tracing::info!(key_id = %k.id, by = %ctx.principal.key_id, "key deleted through the admin API");
+            }
+            deleted.map(|k| ok(to_json(&k))).ok_or_else(not_found)
+        }
+        (_, None) => Err(AdminError::MethodNotAllowed("GET, POST, OPTIONS")),
+        (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, DELETE, OPTIONS")),
+    }
+}
+
+fn not_found() -> AdminError {
+    AdminError::NotFound("api_key not found".into())
+}
+
+async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
+    let p = Params::parse(
+        req.uri().query(),
+        &[
+            "limit",
+            "starting_after",
+            "ending_before",
+            "ids",
+            "api_key_name",
+            "org_name",
+        ],
+    )?;
+    let org = ctx.org(p.one("org_name")?).await?;
+    let q = p.list_query(&org, "api_key_name")?;
+    let keys = ctx.store(move |s| s.store.list_api_keys(&q)).await?;
+    Ok(ok(
+        json!({ "objects": keys.iter().map(to_json).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
+    Params::parse(req.uri().query(), &[])?;
+    let (parts, body) = req.into_parts();
+    let b: CreateBody = json_body(&parts.headers, body)
+        .await?
+        .ok_or_else(|| AdminError::BadRequest("a JSON body with `name` is required".into()))?;
+    check_name("name", &b.name)?;
+    let role = match b.role.as_deref() {
+        None => Role::Proxy,
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            AdminError::BadRequest(format!("`role` must be \"proxy\" or \"admin\", not {r:?}"))
+        })?,
+    };
+    let org = ctx.org(b.org_name.as_deref()).await?;
+    let user = ctx.principal.user_id.clone();
+    let name = b.name;
+    let (key, rec) = ctx
+        .store(move |s| {
+            let out = issue_key(s.store.as_ref(), &s.master, (&org, &user), &name, role)?;
+            s.keys_changed()?;
+            Ok(out)
+        })
+        .await?;
+    tracing::info!(key_id = %rec.id, role = rec.role.as_str(), by = %ctx.principal.key_id, "key created through the admin API");
+    let mut v = to_json(&rec);
+    v["key"] = Value::String(key.expose().to_owned());
+    Ok(ok(v))
+}

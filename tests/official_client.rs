@@ -1,0 +1,82 @@
+//! The official Python client (`braintrust-api`, pinned in tests/official_client/requirements.txt)
+//! against keygate's admin listener over real TLS, with the per-run CA.
+//!
+//! The client lives in a virtual environment at `target/pyvenv` that `.ci/run` creates; when it
+//! is missing this test creates it (python3 -m venv + pip install from PyPI), so that
+//! `cargo test` on a fresh machine runs it too.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+fn venv_python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/pyvenv");
+    let python = venv.join("bin/python");
+    let marker = venv.join(".keygate-requirements");
+    let requirements = root.join("tests/official_client/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements).expect("requirements.txt");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) && python.exists()
+    {
+        return python;
+    }
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 is needed for the official client test");
+    assert!(status.success(), "python3 -m venv failed");
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements)
+        .status()
+        .expect("pip");
+    assert!(
+        status.success(),
+        "pip install -r {} failed",
+        requirements.display()
+    );
+    std::fs::write(&marker, wanted).unwrap();
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_works_unmodified() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let ca = TestCa::new();
+    let kg = Keygate::start(&ca, &[], "").await;
+    let (admin_key, _) = make_key(&kg, keygate::store::Role::Admin);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/official_client/braintrust_flow.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env(
+            "KEYGATE_ADMIN_URL",
+            format!("https://127.0.0.1:{}", kg.admin.port()),
+        )
+        .env("KEYGATE_ADMIN_KEY", &admin_key)
+        .env("KEYGATE_CA", &ca.ca_file)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "official client checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+    assert!(!stdout.contains(&admin_key) && !stderr.contains(&admin_key));
+    kg.stop().await;
+}
