@@ -562,3 +562,31 @@ pub fn make_key(kg: &Keygate, role: Role) -> (String, String) {
     let (k, rec) = issue_key(store.as_ref(), &master, owner, "made", role).unwrap();
     (k.expose().to_owned(), rec.id)
 }
+
+/// An admin API call with an optional JSON body; returns (status, headers, parsed JSON body).
+pub async fn admin_call(
+    client: &Client<HttpsConnector<HttpConnector>, TestBody>,
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, HeaderMap, serde_json::Value) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    let body = match body {
+        Some(v) => full(v.to_string()),
+        None => empty(),
+    };
+    let (status, headers, bytes) = send(client, b.body(body).unwrap()).await;
+    let v = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {bytes:?}"))
+    };
+    (status, headers, v)
+}
