@@ -11,9 +11,12 @@ use serde_json::{json, Map, Value};
 
 use super::request::{check_name, json_body, required_body, Params};
 use super::{ok, Ctx};
+use crate::app::AppState;
 use crate::error::AdminError;
 use crate::secret::Secret;
-use crate::store::{AiSecretPatch, AiSecretRecord, AiSecretWrite, SecretRef, WriteMode};
+use crate::store::{
+    AiSecretPatch, AiSecretRecord, AiSecretWrite, SecretRef, StoreError, WriteMode,
+};
 use crate::Body;
 
 /// The wire form of an ai_secret (never the value).
@@ -71,27 +74,43 @@ pub async fn handle(
     req: Request<Incoming>,
     id: Option<String>,
 ) -> Result<Response<Body>, AdminError> {
+    if req.method() != Method::GET || id.is_some() {
+        Params::parse(req.uri().query(), &[])?; // only lists take query parameters
+    }
     match (req.method().clone(), id) {
         (Method::GET, None) => list(ctx, &req).await,
         (Method::POST, None) => write(ctx, req, WriteMode::CreateOrGet).await,
         (Method::PUT, None) => write(ctx, req, WriteMode::Replace).await,
         (Method::DELETE, None) => {
-            Params::parse(req.uri().query(), &[])?;
             let (parts, body) = req.into_parts();
             let b: DeleteBody = required_body(&parts.headers, body).await?;
-            let org = ctx.org(b.org_name.as_deref()).await?;
-            delete(ctx, org, Target::Name(b.name)).await
+            ctx.org(b.org_name.as_deref()).await?;
+            ctx.by_id(
+                "ai_secret",
+                b.name,
+                |s, org, name| delete(s, org, SecretRef::Name(name)),
+                to_json,
+            )
+            .await
         }
         (Method::GET, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            let org = ctx.principal.org_id.clone();
-            let found = ctx.store(move |s| s.store.get_ai_secret(&org, &id)).await?;
-            found.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+            ctx.by_id(
+                "ai_secret",
+                id,
+                |s, org, id| s.store.get_ai_secret(org, id),
+                to_json,
+            )
+            .await
         }
         (Method::PATCH, Some(id)) => patch(ctx, req, id).await,
         (Method::DELETE, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            delete(ctx, ctx.principal.org_id.clone(), Target::Id(id)).await
+            ctx.by_id(
+                "ai_secret",
+                id,
+                |s, org, id| delete(s, org, SecretRef::Id(id)),
+                to_json,
+            )
+            .await
         }
         (_, None) => Err(AdminError::MethodNotAllowed(
             "GET, POST, PUT, DELETE, OPTIONS",
@@ -100,23 +119,24 @@ pub async fn handle(
     }
 }
 
-fn not_found() -> AdminError {
-    AdminError::NotFound("ai_secret not found".into())
+const LIST_PARAMS: &[&str] = &[
+    "limit",
+    "starting_after",
+    "ending_before",
+    "ids",
+    "ai_secret_name",
+    "org_name",
+    "ai_secret_type",
+];
+
+fn delete(s: &AppState, org: &str, r: SecretRef<'_>) -> Result<Option<AiSecretRecord>, StoreError> {
+    let rec = s.store.delete_ai_secret(org, r)?;
+    s.secrets_changed()?;
+    Ok(rec)
 }
 
 async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
-    let p = Params::parse(
-        req.uri().query(),
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "ai_secret_name",
-            "org_name",
-            "ai_secret_type",
-        ],
-    )?;
+    let p = Params::parse(req.uri().query(), LIST_PARAMS)?;
     let org = ctx.org(p.one("org_name")?).await?;
     let q = p.list_query(&org, "ai_secret_name")?;
     let types = p.many("ai_secret_type");
@@ -140,7 +160,6 @@ async fn write(
     req: Request<Incoming>,
     mode: WriteMode,
 ) -> Result<Response<Body>, AdminError> {
-    Params::parse(req.uri().query(), &[])?;
     let (parts, body) = req.into_parts();
     let b: WriteBody = required_body(&parts.headers, body).await?;
     check_name("name", &b.name)?;
@@ -167,7 +186,6 @@ async fn patch(
     req: Request<Incoming>,
     id: String,
 ) -> Result<Response<Body>, AdminError> {
-    Params::parse(req.uri().query(), &[])?;
     let (parts, body) = req.into_parts();
     let b: Option<PatchBody> = json_body(&parts.headers, body).await?;
     let p = match b {
@@ -185,33 +203,10 @@ async fn patch(
             }
         }
     };
-    let org = ctx.principal.org_id.clone();
-    let rec = ctx
-        .store(move |s| {
-            let rec = s.store.patch_ai_secret(&org, &id, p)?;
-            s.secrets_changed()?;
-            Ok(rec)
-        })
-        .await?;
-    rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
-}
-
-enum Target {
-    Id(String),
-    Name(String),
-}
-
-async fn delete(ctx: &Ctx, org: String, target: Target) -> Result<Response<Body>, AdminError> {
-    let rec = ctx
-        .store(move |s| {
-            let r = match &target {
-                Target::Id(id) => SecretRef::Id(id),
-                Target::Name(n) => SecretRef::Name(n),
-            };
-            let rec = s.store.delete_ai_secret(&org, r)?;
-            s.secrets_changed()?;
-            Ok(rec)
-        })
-        .await?;
-    rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+    let patch = move |s: &AppState, org: &str, id: &str| {
+        let rec = s.store.patch_ai_secret(org, id, p)?;
+        s.secrets_changed()?;
+        Ok(rec)
+    };
+    ctx.by_id("ai_secret", id, patch, to_json).await
 }

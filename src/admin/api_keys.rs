@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::request::{check_name, json_body, Params};
 use super::{ok, Ctx};
+use crate::app::AppState;
 use crate::error::AdminError;
 use crate::store::{issue_key, ApiKeyRecord, Role};
 use crate::Body;
@@ -49,37 +50,36 @@ pub async fn handle(
     req: Request<Incoming>,
     id: Option<String>,
 ) -> Result<Response<Body>, AdminError> {
+    if req.method() != Method::GET || id.is_some() {
+        Params::parse(req.uri().query(), &[])?; // only lists take query parameters
+    }
     match (req.method().clone(), id) {
         (Method::GET, None) => list(ctx, &req).await,
         (Method::POST, None) => create(ctx, req).await,
         (Method::GET, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            let org = ctx.principal.org_id.clone();
-            let found = ctx.store(move |s| s.store.get_api_key(&org, &id)).await?;
-            found.map(|k| ok(to_json(&k))).ok_or_else(not_found)
+            ctx.by_id(
+                "api_key",
+                id,
+                |s, org, id| s.store.get_api_key(org, id),
+                to_json,
+            )
+            .await
         }
         (Method::DELETE, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            let org = ctx.principal.org_id.clone();
-            let deleted = ctx
-                .store(move |s| {
-                    let rec = s.store.delete_api_key(Some(&org), &id)?;
-                    s.keys_changed()?;
-                    Ok(rec)
-                })
-                .await?;
-            if let Some(k) = &deleted {
-                tracing::info!(key_id = %k.id, by = %ctx.principal.key_id, "key deleted through the admin API");
-            }
-            deleted.map(|k| ok(to_json(&k))).ok_or_else(not_found)
+            let by = ctx.principal.key_id.clone();
+            let delete = move |s: &AppState, org: &str, id: &str| {
+                let rec = s.store.delete_api_key(Some(org), id)?;
+                s.keys_changed()?;
+                if let Some(k) = &rec {
+                    tracing::info!(key_id = %k.id, by = %by, "key deleted through the admin API");
+                }
+                Ok(rec)
+            };
+            ctx.by_id("api_key", id, delete, to_json).await
         }
         (_, None) => Err(AdminError::MethodNotAllowed("GET, POST, OPTIONS")),
         (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, DELETE, OPTIONS")),
     }
-}
-
-fn not_found() -> AdminError {
-    AdminError::NotFound("api_key not found".into())
 }
 
 async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
@@ -103,7 +103,6 @@ async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, Admi
 }
 
 async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
-    Params::parse(req.uri().query(), &[])?;
     let (parts, body) = req.into_parts();
     let b: CreateBody = json_body(&parts.headers, body)
         .await?

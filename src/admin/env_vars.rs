@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::request::{check_name, required_body, Params};
 use super::{ok, Ctx};
+use crate::app::AppState;
 use crate::error::AdminError;
 use crate::secret::Secret;
 use crate::store::{EnvVarFilter, EnvVarRecord, EnvVarWrite, ObjectType, WriteMode};
@@ -51,43 +52,44 @@ pub async fn handle(
     req: Request<Incoming>,
     id: Option<String>,
 ) -> Result<Response<Body>, AdminError> {
+    if req.method() != Method::GET || id.is_some() {
+        Params::parse(req.uri().query(), &[])?; // only lists take query parameters
+    }
     match (req.method().clone(), id) {
         (Method::GET, None) => list(ctx, &req).await,
         (Method::POST, None) => write(ctx, req, WriteMode::CreateOrGet).await,
         (Method::PUT, None) => write(ctx, req, WriteMode::Replace).await,
         (Method::GET, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            let org = ctx.principal.org_id.clone();
-            let found = ctx.store(move |s| s.store.get_env_var(&org, &id)).await?;
-            found.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+            ctx.by_id(
+                "env_var",
+                id,
+                |s, org, id| s.store.get_env_var(org, id),
+                to_json,
+            )
+            .await
         }
         (Method::PATCH, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
             let (parts, body) = req.into_parts();
             let b: PatchBody = required_body(&parts.headers, body).await?;
             check_env_name(&b.name)?;
             check_value(&b.value)?;
-            let org = ctx.principal.org_id.clone();
-            let rec = ctx
-                .store(move |s| s.store.patch_env_var(&org, &id, &b.name, b.value))
-                .await?;
-            rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+            let patch = move |s: &AppState, org: &str, id: &str| {
+                s.store.patch_env_var(org, id, &b.name, b.value)
+            };
+            ctx.by_id("env_var", id, patch, to_json).await
         }
         (Method::DELETE, Some(id)) => {
-            Params::parse(req.uri().query(), &[])?;
-            let org = ctx.principal.org_id.clone();
-            let rec = ctx
-                .store(move |s| s.store.delete_env_var(&org, &id))
-                .await?;
-            rec.map(|r| ok(to_json(&r))).ok_or_else(not_found)
+            ctx.by_id(
+                "env_var",
+                id,
+                |s, org, id| s.store.delete_env_var(org, id),
+                to_json,
+            )
+            .await
         }
         (_, None) => Err(AdminError::MethodNotAllowed("GET, POST, PUT, OPTIONS")),
         (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE, OPTIONS")),
     }
-}
-
-fn not_found() -> AdminError {
-    AdminError::NotFound("env_var not found".into())
 }
 
 fn object_type(v: &str) -> Result<ObjectType, AdminError> {
@@ -145,7 +147,6 @@ async fn write(
     req: Request<Incoming>,
     mode: WriteMode,
 ) -> Result<Response<Body>, AdminError> {
-    Params::parse(req.uri().query(), &[])?;
     let (parts, body) = req.into_parts();
     let b: WriteBody = required_body(&parts.headers, body).await?;
     let ot = object_type(&b.object_type)?;

@@ -66,6 +66,22 @@ impl Ctx {
             .map_err(AdminError::from)
     }
 
+    /// Runs `f(state, org_id, id)` for the caller's org and answers with the object it returns
+    /// as `to_json` renders it, or a 404 naming `what`.
+    pub async fn by_id<T: Send + 'static>(
+        &self,
+        what: &str,
+        id: String,
+        f: impl FnOnce(&AppState, &str, &str) -> Result<Option<T>, StoreError> + Send + 'static,
+        to_json: fn(&T) -> serde_json::Value,
+    ) -> Result<Response<Body>, AdminError> {
+        let org = self.principal.org_id.clone();
+        match self.store(move |s| f(s, &org, &id)).await? {
+            Some(obj) => Ok(ok(to_json(&obj))),
+            None => Err(AdminError::NotFound(format!("{what} not found"))),
+        }
+    }
+
     /// The org an `org_name` names, which must be the caller's; the caller's when absent.
     pub async fn org(&self, org_name: Option<&str>) -> Result<String, AdminError> {
         let Some(name) = org_name else {
