@@ -756,6 +756,20 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             "UUID",
         ),
         (
+            "POST",
+            "/v1/api_key?debug=1",
+            Some(json!({"name": "q"})),
+            StatusCode::BAD_REQUEST,
+            "unknown query parameter `debug`",
+        ),
+        (
+            "PUT",
+            "/v1/ai_secret?x=1",
+            Some(json!({"name": "Q"})),
+            StatusCode::BAD_REQUEST,
+            "unknown query parameter `x`",
+        ),
+        (
             "GET",
             "/v1/api_key/123",
             None,
