@@ -25,10 +25,11 @@ use crate::crypto::{MasterKey, MasterKeyError, MasterKeySource};
 use crate::keycache::{KeyCache, KeyCacheSettings};
 use crate::proxy::credentials::Credentials;
 use crate::proxy::forward::Upstream;
+use crate::proxy::passthrough::PassthroughCache;
 use crate::proxy::routes::RouteTable;
 use crate::secret::Secret;
 use crate::server::{accept_loop, Plane};
-use crate::store::{issue_key, Role, SqliteStore, Store, StoreError, Tenant};
+use crate::store::{issue_key, Revisions, Role, SqliteStore, Store, StoreError, Tenant};
 use crate::tls::TlsError;
 
 /// A failure to start.
@@ -66,6 +67,7 @@ pub struct AppState {
     pub keys: KeyCache,
     pub routes: RouteTable,
     pub credentials: Credentials,
+    pub passthrough: PassthroughCache,
     pub upstream: Upstream,
     pub counters: Counters,
 }
@@ -188,6 +190,7 @@ pub async fn start(
                 (&t.org_id, &t.user_id),
                 "admin",
                 Role::Admin,
+                None,
             )?;
             tracing::info!(key_id = %rec.id, "the store was empty: created the first admin key");
             Ok(Some(key))
@@ -222,10 +225,10 @@ pub async fn start(
     let credentials = {
         let store = store.clone();
         let routes = config.routes.clone();
-        let org = tenant.org_id.clone();
+        let tenant = tenant.clone();
         blocking(move || {
             let c = Credentials::new(routes.len());
-            c.refresh(store.as_ref(), &org, &routes).map(|()| c)
+            c.refresh(store.as_ref(), &tenant, &routes).map(|()| c)
         })
         .await?
     };
@@ -259,6 +262,7 @@ pub async fn start(
         master,
         keys,
         credentials,
+        passthrough: PassthroughCache::new(config.keys.cache_capacity),
         upstream,
         counters: Counters::default(),
     });
@@ -278,7 +282,7 @@ pub async fn start(
             shutdown_rx.clone(),
         ));
     }
-    tasks.spawn(poll_store(state.clone(), revisions.secrets, shutdown_rx));
+    tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx));
 
     Ok(Running {
         proxy_addr,
@@ -303,7 +307,7 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
 /// Asks the store every poll interval whether keys or secrets changed.
 async fn poll_store(
     state: Arc<AppState>,
-    mut secrets_seen: u64,
+    mut seen: Revisions,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(state.config.keys.poll_interval);
@@ -317,9 +321,9 @@ async fn poll_store(
         let st = state.clone();
         let polled = blocking(move || -> Result<_, StoreError> {
             let rev = st.store.revisions()?;
-            if rev.secrets != secrets_seen {
+            if (rev.secrets, rev.env_vars) != (seen.secrets, seen.env_vars) {
                 st.credentials
-                    .refresh(st.store.as_ref(), &st.tenant.org_id, &st.config.routes)?;
+                    .refresh(st.store.as_ref(), &st.tenant, &st.config.routes)?;
             }
             Ok(rev)
         })
@@ -327,7 +331,7 @@ async fn poll_store(
         match polled {
             Ok(rev) => {
                 state.keys.note_revision(rev.keys);
-                secrets_seen = rev.secrets;
+                seen = rev;
                 if failing {
                     tracing::info!("key store readable again");
                     failing = false;

@@ -114,15 +114,26 @@ struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
+    name: Option<String>,
     prefix: String,
+    host: Option<String>,
+    #[serde(default)]
+    strip_prefix: bool,
     upstream: String,
-    inject: RawInject,
+    // Read as a plain value so that errors can name the exact field (an untagged enum would only
+    // say "did not match any variant").
+    inject: toml::Value,
+    #[serde(default)]
+    set_headers: std::collections::BTreeMap<String, String>,
+    validate: Option<RawValidate>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInject {
-    ai_secret: String,
+struct RawValidate {
+    path: Option<String>,
+    ttl: Option<String>,
+    negative_ttl: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,12 +215,80 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
 }
 
-/// One route: requests whose path starts with `prefix` go to `upstream` with a credential.
+/// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
+/// go to `upstream` with a credential.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// How keys name this route in their permissions (default: the prefix).
+    pub name: String,
     pub prefix: String,
+    /// Lower-case host (with a port only if the config gave one) the request must be for.
+    pub host: Option<String>,
+    /// Whether `prefix` is removed from the path sent upstream.
+    pub strip_prefix: bool,
     pub upstream: Upstream,
     pub inject: Inject,
+    /// Extra upstream headers, templated from the org's env vars.
+    pub set_headers: Vec<(http::HeaderName, Template)>,
+}
+
+/// A header value with `{env:NAME}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<TemplatePart>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Env(String),
+}
+
+impl Template {
+    fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{env:") {
+            if start > 0 {
+                parts.push(TemplatePart::Literal(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 5..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| "has an unclosed {env:...} placeholder".to_owned())?;
+            let name = &after[..end];
+            if name.is_empty() || name.contains(['{', '=']) {
+                return Err(format!("has a bad env var name {name:?} in a placeholder"));
+            }
+            parts.push(TemplatePart::Env(name.to_owned()));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_owned()));
+        }
+        Ok(Template(parts))
+    }
+
+    /// The env var names the template uses.
+    pub fn env_names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|p| match p {
+            TemplatePart::Env(n) => Some(n.as_str()),
+            TemplatePart::Literal(_) => None,
+        })
+    }
+
+    /// The value with every placeholder filled, or the first missing env var name.
+    pub fn render<'a>(&'a self, lookup: impl Fn(&str) -> Option<&'a str>) -> Result<String, &'a str>
+    where
+        Self: 'a,
+    {
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                TemplatePart::Literal(l) => out.push_str(l),
+                TemplatePart::Env(n) => out.push_str(lookup(n).ok_or(n.as_str())?),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// An `https://` upstream, split for cheap URI building.
@@ -224,8 +303,26 @@ pub struct Upstream {
 /// The credential a route injects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inject {
-    /// The stored ai_secret of this name.
-    AiSecret(String),
+    /// The stored ai_secret of this name, in the header its type calls for unless `header` and
+    /// `prefix` override it.
+    AiSecret {
+        name: String,
+        header: Option<http::HeaderName>,
+        prefix: Option<String>,
+    },
+    /// The client's own key, forwarded as `Authorization: Bearer`, validated upstream first.
+    Passthrough(Validate),
+}
+
+/// How a passthrough route validates a client key upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validate {
+    /// Path and query of the validation call (`GET`), on the route's upstream.
+    pub path: String,
+    /// How long an accepted key is remembered.
+    pub ttl: Duration,
+    /// How long a refused key is remembered.
+    pub negative_ttl: Duration,
 }
 
 impl Config {
@@ -443,10 +540,22 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         routes.push(validate_route(&c, i, r)?);
     }
     for (i, r) in routes.iter().enumerate() {
-        if routes[..i].iter().any(|o| o.prefix == r.prefix) {
+        if routes[..i]
+            .iter()
+            .any(|o| o.prefix == r.prefix && o.host == r.host)
+        {
             return Err(c.err(
                 format!("route[{i}].prefix"),
-                format!("duplicates an earlier route's prefix {:?}", r.prefix),
+                format!(
+                    "duplicates an earlier route's prefix {:?} (for the same host)",
+                    r.prefix
+                ),
+            ));
+        }
+        if routes[..i].iter().any(|o| o.name == r.name) {
+            return Err(c.err(
+                format!("route[{i}].name"),
+                format!("duplicates an earlier route's name {:?}", r.name),
             ));
         }
     }
@@ -459,6 +568,119 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         server,
         routes,
     })
+}
+
+/// Headers a route may not set or inject into: framing, routing and hop-by-hop ones.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "content-length",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+fn header_name(c: &Check<'_>, field: &str, name: &str) -> Result<http::HeaderName, ConfigError> {
+    let h = http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| c.err(field, format!("{name:?} is not a valid header name")))?;
+    if RESERVED_HEADERS.contains(&h.as_str()) {
+        return Err(c.err(
+            field,
+            format!("{name:?} is a framing or hop-by-hop header and cannot be set"),
+        ));
+    }
+    Ok(h)
+}
+
+fn validate_inject(
+    c: &Check<'_>,
+    i: usize,
+    v: toml::Value,
+    validate: Option<RawValidate>,
+) -> Result<Inject, ConfigError> {
+    let field = format!("route[{i}].inject");
+    let shape =
+        "must be { ai_secret = \"NAME\" } (optionally with header and prefix) or \"passthrough\"";
+    match v {
+        toml::Value::String(s) if s == "passthrough" => {
+            let raw = validate.unwrap_or(RawValidate {
+                path: None,
+                ttl: None,
+                negative_ttl: None,
+            });
+            let vf = format!("route[{i}].validate");
+            let path = raw.path.unwrap_or_else(|| "/v1/api_key?limit=1".to_owned());
+            if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+                return Err(c.err(
+                    format!("{vf}.path"),
+                    "must be a path like \"/v1/api_key?limit=1\"",
+                ));
+            }
+            let ttl = c.duration(&format!("{vf}.ttl"), raw.ttl, Duration::from_secs(300))?;
+            let negative_ttl = c.duration(
+                &format!("{vf}.negative_ttl"),
+                raw.negative_ttl,
+                Duration::from_secs(30),
+            )?;
+            Ok(Inject::Passthrough(Validate {
+                path,
+                ttl,
+                negative_ttl,
+            }))
+        }
+        toml::Value::Table(mut t) => {
+            if validate.is_some() {
+                return Err(c.err(
+                    format!("route[{i}].validate"),
+                    "only applies to inject = \"passthrough\"",
+                ));
+            }
+            let name = match t.remove("ai_secret") {
+                Some(toml::Value::String(n)) if !n.trim().is_empty() => n.trim().to_owned(),
+                Some(_) => {
+                    return Err(c.err(
+                        format!("{field}.ai_secret"),
+                        "must be the name of an ai_secret",
+                    ))
+                }
+                None => return Err(c.err(&field, shape)),
+            };
+            let header = match t.remove("header") {
+                None => None,
+                Some(toml::Value::String(h)) => {
+                    Some(header_name(c, &format!("{field}.header"), &h)?)
+                }
+                Some(_) => return Err(c.err(format!("{field}.header"), "must be a header name")),
+            };
+            let prefix = match t.remove("prefix") {
+                None => None,
+                Some(toml::Value::String(p)) => Some(p),
+                Some(_) => {
+                    return Err(c.err(
+                        format!("{field}.prefix"),
+                        "must be a string, like \"Bearer \"",
+                    ))
+                }
+            };
+            if let Some(k) = t.keys().next() {
+                return Err(c.err(
+                    format!("{field}.{k}"),
+                    "unknown field; expected ai_secret, header or prefix",
+                ));
+            }
+            Ok(Inject::AiSecret {
+                name,
+                header,
+                prefix,
+            })
+        }
+        _ => Err(c.err(&field, shape)),
+    }
 }
 
 fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigError> {
@@ -502,22 +724,46 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
     if uri.query().is_some() {
         return Err(c.err(&field, "must not have a query string"));
     }
-    let base_path = uri.path().trim_end_matches('/').to_owned();
-    let inject_name = r.inject.ai_secret.trim().to_owned();
-    if inject_name.is_empty() {
-        return Err(c.err(
-            format!("route[{i}].inject.ai_secret"),
-            "must name an ai_secret",
-        ));
+    let host = match r.host {
+        None => None,
+        Some(h) => {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() || h.parse::<Authority>().is_err() || h.contains(['/', '@']) {
+                return Err(c.err(
+                    format!("route[{i}].host"),
+                    "must be a host name, like \"api.local\" or \"api.local:8443\"",
+                ));
+            }
+            Some(h)
+        }
+    };
+    let name = match r.name {
+        Some(n) if n.trim().is_empty() => {
+            return Err(c.err(format!("route[{i}].name"), "must not be empty"))
+        }
+        Some(n) => n,
+        None => r.prefix.clone(),
+    };
+    let inject = validate_inject(c, i, r.inject, r.validate)?;
+    let mut set_headers = Vec::with_capacity(r.set_headers.len());
+    for (k, v) in r.set_headers {
+        let f = format!("route[{i}].set_headers.{k}");
+        let h = header_name(c, &f, &k)?;
+        let t = Template::parse(&v).map_err(|reason| c.err(&f, reason))?;
+        set_headers.push((h, t));
     }
     Ok(Route {
+        name,
         prefix: r.prefix,
+        host,
+        strip_prefix: r.strip_prefix,
         upstream: Upstream {
             scheme: Scheme::HTTPS,
             authority,
-            base_path,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
         },
-        inject: Inject::AiSecret(inject_name),
+        inject,
+        set_headers,
     })
 }
 
@@ -581,6 +827,13 @@ mod tests {
         let u = &c.routes[0].upstream;
         assert_eq!(u.authority.as_str(), "api.example.com:8443");
         assert_eq!(u.base_path, "/base");
-        assert_eq!(c.routes[0].inject, Inject::AiSecret("K".into()));
+        assert_eq!(
+            c.routes[0].inject,
+            Inject::AiSecret {
+                name: "K".into(),
+                header: None,
+                prefix: None
+            }
+        );
     }
 }

@@ -22,6 +22,12 @@ pub enum ProxyError {
     /// No route matches the path.
     #[error("no route matches the request path")]
     NoRoute,
+    /// The key is valid but may not use this route.
+    #[error("key may not use route {route}")]
+    Forbidden { route: String },
+    /// A passthrough key could not be validated: the upstream failed, not the key.
+    #[error("passthrough key validation failed")]
+    PassthroughValidation,
     /// The route's credential does not exist (yet).
     #[error("route {route} has no credential configured")]
     NoCredential { route: String },
@@ -64,6 +70,14 @@ impl ProxyError {
                 )
             }
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route matches this path".into()),
+            ProxyError::Forbidden { route } => (
+                StatusCode::FORBIDDEN,
+                format!("this key may not use route {route}").into(),
+            ),
+            ProxyError::PassthroughValidation => (
+                StatusCode::BAD_GATEWAY,
+                "the upstream could not validate the key".into(),
+            ),
             ProxyError::NoCredential { route } => {
                 tracing::warn!(route = %route, "request refused: route has no credential configured");
                 (

@@ -190,6 +190,7 @@ mod tests {
                 org_id: "o".into(),
                 user_id: "u".into(),
                 role: Role::Proxy,
+                routes: None,
             });
             Ok((found, self.revision.load(Ordering::SeqCst)))
         }

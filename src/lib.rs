@@ -9,7 +9,8 @@
 //! - [`app`]: wiring of store, caches, listeners, poller and shutdown.
 //! - [`server`]: the accept loop: connection cap, cleartext detection, TLS, h1/h2.
 //! - [`proxy`]: the data plane, one file per stage (authenticate, routes, inject, forward).
-//! - [`admin`]: the control plane listener.
+//! - [`admin`]: the control plane listener and the admin API.
+//! - [`run`]: `keygate run`, env vars into a child process.
 //! - [`keycache`]: key digest → principal, positive and negative TTL, revision-exact invalidation.
 //! - [`store`]: the `Store` trait and its SQLite implementation; secrets sealed at rest.
 //! - [`crypto`]: master key, key digests, sealing, key generation.
@@ -24,6 +25,7 @@ pub mod crypto;
 pub mod error;
 pub mod keycache;
 pub mod proxy;
+pub mod run;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -53,6 +53,27 @@ enum Command {
     /// Manage upstream secrets (ai_secrets).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Run a command with the env vars of a scope (plus the org's) in its environment.
+    Run {
+        #[arg(long, value_enum)]
+        object_type: ObjectTypeArg,
+        /// The project or function id (for organization: the org's id or name).
+        #[arg(long)]
+        object_id: String,
+        /// The org by name (default: the store's org).
+        #[arg(long)]
+        org: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectTypeArg {
+    Organization,
+    Project,
+    Function,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +84,9 @@ enum KeysCommand {
         name: String,
         #[arg(long, value_enum, default_value_t = RoleArg::Proxy)]
         role: RoleArg,
+        /// Limit the key to this route (by name; repeat for several). Default: every route.
+        #[arg(long = "route", value_name = "NAME")]
+        routes: Vec<String>,
     },
     /// List keys (never the keys themselves).
     List,
@@ -139,6 +163,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve => serve(config),
         Command::Keys(cmd) => keys(config, cmd),
         Command::Secrets(cmd) => secrets(config, cmd),
+        Command::Run {
+            object_type,
+            object_id,
+            org,
+            command,
+        } => run_command(config, object_type, &object_id, org.as_deref(), &command),
     }
 }
 
@@ -199,7 +229,13 @@ async fn wait_for_signal() {
 fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
     let (master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
     match cmd {
-        KeysCommand::Create { name, role } => {
+        KeysCommand::Create { name, role, routes } => {
+            for r in &routes {
+                if !config.routes.iter().any(|c| &c.name == r) {
+                    return Err(format!("--route {r}: no route of the config is named so"));
+                }
+            }
+            let routes = (!routes.is_empty()).then_some(routes);
             let name = name.trim();
             if name.is_empty() {
                 return Err("--name must not be empty".into());
@@ -209,9 +245,15 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
                 RoleArg::Proxy => Role::Proxy,
             };
             let t = store.tenant().map_err(|e| e.to_string())?;
-            let (key, rec) =
-                issue_key(store.as_ref(), &master, (&t.org_id, &t.user_id), name, role)
-                    .map_err(|e| e.to_string())?;
+            let (key, rec) = issue_key(
+                store.as_ref(),
+                &master,
+                (&t.org_id, &t.user_id),
+                name,
+                role,
+                routes,
+            )
+            .map_err(|e| e.to_string())?;
             eprintln!(
                 "created key {} ({}, role {}); it is shown once, below:",
                 rec.id,
@@ -257,6 +299,48 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             }
         }
     }
+}
+
+fn run_command(
+    config: Config,
+    object_type: ObjectTypeArg,
+    object_id: &str,
+    org: Option<&str>,
+    command: &[String],
+) -> Result<(), String> {
+    use keygate::store::ObjectType;
+    let (_master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
+    let tenant = store.tenant().map_err(|e| e.to_string())?;
+    let (org_id, org_name) = match org {
+        None => (tenant.org_id, tenant.org_name),
+        Some(name) => match store.org_id_by_name(name).map_err(|e| e.to_string())? {
+            Some(id) => (id, name.to_owned()),
+            None => return Err(format!("--org {name}: no such org")),
+        },
+    };
+    let object_type = match object_type {
+        ObjectTypeArg::Organization => ObjectType::Organization,
+        ObjectTypeArg::Project => ObjectType::Project,
+        ObjectTypeArg::Function => ObjectType::Function,
+    };
+    let env = keygate::run::scope_env(store.as_ref(), (&org_id, &org_name), object_type, object_id)
+        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let ids: Vec<String> = env.iter().map(|(rec, _)| rec.id.clone()).collect();
+    let names: Vec<&str> = env.iter().map(|(rec, _)| rec.name.as_str()).collect();
+    tracing::info!(vars = ?names, "starting the command with env vars");
+    let code = rt.block_on(async {
+        let child = keygate::run::spawn(command, &env)?;
+        if let Err(e) = store.mark_env_vars_used(&org_id, &ids) {
+            eprintln!("keygate: could not stamp env var use: {e}");
+        }
+        keygate::run::supervise(child).await
+    })?;
+    drop(env);
+    std::process::exit(code);
 }
 
 fn secrets(config: Config, cmd: SecretsCommand) -> Result<(), String> {

@@ -67,7 +67,7 @@ fn ids(v: &Value) -> Vec<String> {
 #[tokio::test]
 async fn auth_admin_role_required_and_401s_match_the_proxy() {
     let ca = TestCa::new();
-    let a = Admin::start(&ca, &[]).await;
+    let a = Admin::start(&ca, &[("/", "https://127.0.0.1:9", "K")]).await;
     let url = a.kg.admin_url("/v1/api_key");
     let (s, _, missing) = admin_call(&a.client, "GET", &url, None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);

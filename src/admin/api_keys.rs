@@ -1,8 +1,9 @@
 //! `/v1/api_key`: list, create (the raw key in this one answer), get, delete.
 //!
-//! Extension fields: `role` (`"proxy"` by default, or `"admin"`) in the create body, and `role`
-//! and `exposed` (when the key was seen over cleartext, or `null`) in every object. The official
-//! clients ignore fields they do not know.
+//! Extension fields: `role` (`"proxy"` by default, or `"admin"`) and `routes` (the route names
+//! the key may use; absent or `null`: all) in the create body; `role`, `routes` and `exposed`
+//! (when the key was seen over cleartext, or `null`) in every object. The official clients
+//! ignore fields they do not know.
 
 use http::Method;
 use hyper::body::Incoming;
@@ -31,6 +32,7 @@ pub fn to_json(k: &ApiKeyRecord) -> Value {
         "user_family_name": null,
         "role": k.role.as_str(),
         "exposed": k.exposed,
+        "routes": k.routes,
     })
 }
 
@@ -42,6 +44,8 @@ struct CreateBody {
     org_name: Option<String>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default)]
+    routes: Option<Vec<String>>,
 }
 
 /// Routes `/v1/api_key[/{id}]`.
@@ -114,12 +118,29 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
             AdminError::BadRequest(format!("`role` must be \"proxy\" or \"admin\", not {r:?}"))
         })?,
     };
+    if let Some(routes) = &b.routes {
+        for r in routes {
+            if !ctx.state.config.routes.iter().any(|c| &c.name == r) {
+                return Err(AdminError::BadRequest(format!(
+                    "`routes`: no route is named {r:?}"
+                )));
+            }
+        }
+    }
     let org = ctx.org(b.org_name.as_deref()).await?;
     let user = ctx.principal.user_id.clone();
+    let routes = b.routes;
     let name = b.name;
     let (key, rec) = ctx
         .store(move |s| {
-            let out = issue_key(s.store.as_ref(), &s.master, (&org, &user), &name, role)?;
+            let out = issue_key(
+                s.store.as_ref(),
+                &s.master,
+                (&org, &user),
+                &name,
+                role,
+                routes,
+            )?;
             s.keys_changed()?;
             Ok(out)
         })

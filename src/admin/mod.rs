@@ -106,11 +106,8 @@ impl AppState {
 
     /// After a secret write: rebuild the routes' credentials now, not at the next poll.
     pub fn secrets_changed(&self) -> Result<(), StoreError> {
-        self.credentials.refresh(
-            self.store.as_ref(),
-            &self.tenant.org_id,
-            &self.config.routes,
-        )
+        self.credentials
+            .refresh(self.store.as_ref(), &self.tenant, &self.config.routes)
     }
 }
 

@@ -1,14 +1,19 @@
-//! Stage 1: the client's key → `Principal`, through the key cache.
+//! Stage 2: the client's key → a grant for its route.
 //!
-//! The key comes from `x-api-key`, or else from `Authorization: Bearer`. Every failure is the
-//! same `Unauthorized`, so a client cannot tell a malformed key from a revoked one.
+//! The key comes from `x-api-key`, or else from `Authorization: Bearer`. On an ai_secret route
+//! it must be a keygate key (through the key cache) that may use the route (403 otherwise); on a
+//! passthrough route the upstream must accept it. Every refusal of the key itself is the same
+//! `Unauthorized`, so a client cannot tell a malformed key from a revoked one.
 
 use std::sync::Arc;
 
 use http::header::{HeaderMap, AUTHORIZATION};
+use http::HeaderValue;
 
+use crate::app::AppState;
+use crate::config::{Inject, Route};
 use crate::error::ProxyError;
-use crate::keycache::{KeyCache, LookupError};
+use crate::keycache::LookupError;
 use crate::store::Principal;
 
 /// The header keygate's own keys travel in.
@@ -40,21 +45,44 @@ pub fn bearer_token(value: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Authenticates the request's key.
+/// What the authenticate stage grants.
+pub enum Grant {
+    /// A keygate key.
+    Key(Arc<Principal>),
+    /// A passthrough key, validated upstream: the `Authorization` value to forward.
+    Passthrough(HeaderValue),
+}
+
+/// Authenticates the request for its route: a keygate key allowed on the route, or on a
+/// passthrough route a key the upstream accepts.
 pub async fn authenticate(
-    keys: &KeyCache,
+    state: &AppState,
+    (index, route): (usize, &Route),
     headers: &HeaderMap,
-) -> Result<Arc<Principal>, ProxyError> {
+) -> Result<Grant, ProxyError> {
     let key = presented_key(headers).ok_or(ProxyError::Unauthorized)?;
-    match keys.authenticate(key).await {
-        Ok(Some(p)) => Ok(p),
-        Ok(None) => Err(ProxyError::Unauthorized),
-        Err(LookupError::Stale) => Err(ProxyError::StoreUnavailable),
+    if let Inject::Passthrough(v) = &route.inject {
+        let bearer = state
+            .passthrough
+            .validate(&state.master, &state.upstream, (index, route), v, key)
+            .await?;
+        return Ok(Grant::Passthrough(bearer));
+    }
+    let principal = match state.keys.authenticate(key).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(ProxyError::Unauthorized),
+        Err(LookupError::Stale) => return Err(ProxyError::StoreUnavailable),
         Err(LookupError::Store(e)) => {
             tracing::error!(error = %e, "key lookup failed");
-            Err(ProxyError::StoreUnavailable)
+            return Err(ProxyError::StoreUnavailable);
         }
+    };
+    if !principal.may_use(&route.name) {
+        return Err(ProxyError::Forbidden {
+            route: route.name.clone(),
+        });
     }
+    Ok(Grant::Key(principal))
 }
 
 #[cfg(test)]

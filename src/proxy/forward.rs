@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
-use http_body_util::Either;
+use http::{HeaderName, HeaderValue, Request, Response, Version};
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,9 +25,12 @@ use crate::error::ProxyError;
 use crate::tls::TlsError;
 use crate::Body;
 
+/// The body of an upstream request: the client's, streamed, or none (validation calls).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
 /// The pooled upstream client and its timeout.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     response_header_timeout: Duration,
 }
 
@@ -56,17 +60,58 @@ impl Upstream {
             response_header_timeout: cfg.response_header_timeout,
         })
     }
+
+    /// The one validation call of a passthrough key: `GET <upstream><path>` with the key as
+    /// Bearer. Returns the status; the body is read and dropped so the connection is reused.
+    pub async fn validate_key(
+        &self,
+        route: &Route,
+        path: &str,
+        bearer: HeaderValue,
+    ) -> Result<u16, ProxyError> {
+        let uri = join_uri(route, path)?;
+        let mut req = Request::get(uri)
+            .body(Either::Right(Empty::new()))
+            .map_err(|e| ProxyError::Internal(format!("building the validation request: {e}")))?;
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, bearer);
+        let res = match tokio::time::timeout(self.response_header_timeout, self.client.request(req))
+            .await
+        {
+            Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(res)) => res,
+        };
+        let status = res.status().as_u16();
+        // Bounded: a validation answer is small; a huge one is not worth reading to the end.
+        let _ = tokio::time::timeout(self.response_header_timeout, async {
+            let mut body = res.into_body();
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, Bytes::len);
+                if seen > 1 << 20 {
+                    break;
+                }
+            }
+        })
+        .await;
+        Ok(status)
+    }
 }
 
-/// Sends `req` to the route's upstream and returns its response, streaming.
+/// Sends `req` to the route's upstream and returns its response, streaming. Response headers
+/// that echo `secret` (the injected credential) are removed (reflection guard).
 pub async fn forward(
     up: &Upstream,
     (_, route): (usize, &Route),
+    secret: Option<&crate::secret::Secret>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    *req.uri_mut() = upstream_uri(route, req.uri())?;
+    let path = forwarded_path(route, req.uri());
+    *req.uri_mut() = join_uri(route, path)?;
     // The client picks h1 or h2 per pooled connection; the request itself starts as 1.1.
     *req.version_mut() = Version::HTTP_11;
+    let req = req.map(Either::Left);
     let res = match tokio::time::timeout(up.response_header_timeout, up.client.request(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         Ok(Err(e)) => return Err(classify(e)),
@@ -74,15 +119,53 @@ pub async fn forward(
     };
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(secret) = secret {
+        remove_echoes(&mut parts.headers, secret.expose().as_bytes(), &route.name);
+    }
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
-fn upstream_uri(route: &Route, incoming: &Uri) -> Result<Uri, ProxyError> {
+/// Removes every header whose value contains `needle`, and says so (never with the value).
+fn remove_echoes(headers: &mut http::HeaderMap, needle: &[u8], route: &str) {
+    if needle.is_empty() {
+        return;
+    }
+    let finder = memchr::memmem::Finder::new(needle);
+    let echoed: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| finder.find(v.as_bytes()).is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in echoed {
+        headers.remove(&name);
+        tracing::warn!(route = %route, header = %name,
+            "upstream response header echoed the injected secret; header removed");
+    }
+}
+
+/// The path and query to send upstream: the client's, minus the route prefix when the route
+/// strips it.
+fn forwarded_path<'a>(route: &Route, incoming: &'a Uri) -> std::borrow::Cow<'a, str> {
     let pq = incoming
         .path_and_query()
         .map(PathAndQuery::as_str)
         .unwrap_or("/");
+    if !route.strip_prefix {
+        return pq.into();
+    }
+    let rest = pq
+        .strip_prefix(route.prefix.trim_end_matches('/'))
+        .unwrap_or(pq);
+    if rest.starts_with('/') {
+        rest.into()
+    } else {
+        format!("/{rest}").into()
+    }
+}
+
+fn join_uri(route: &Route, path_and_query: impl AsRef<str>) -> Result<Uri, ProxyError> {
+    let pq = path_and_query.as_ref();
     let path_and_query = if route.upstream.base_path.is_empty() {
         PathAndQuery::try_from(pq)
     } else {

@@ -1,14 +1,20 @@
 //! Stage 3: strip what must not reach the upstream, then add exactly one credential.
 //!
-//! Removed: `x-api-key`, the client's `Authorization` and `Proxy-Authorization`, the hop-by-hop
-//! headers of RFC 9110 §7.6.1, every header named in `Connection`, and `Host` (the client
-//! rewrites it for the upstream). `TE: trailers` is the one `TE` value kept.
+//! Removed: the client's credentials of every kind (`Authorization`, `x-api-key`,
+//! `x-goog-api-key`, `api-key`, `Proxy-Authorization`, and the route's own credential header),
+//! the hop-by-hop headers of RFC 9110 §7.6.1, every header named in `Connection`, and `Host`
+//! (the client rewrites it for the upstream). `TE: trailers` is the one `TE` value kept.
+//! Then, in order: defaults the client did not send (`anthropic-version`), the credential (or
+//! the validated passthrough key), and the route's extra headers.
 
 use http::header::{self, HeaderMap, HeaderName};
 use hyper::body::Incoming;
 use hyper::Request;
 
-use super::credentials::{Credential, Credentials};
+use std::sync::Arc;
+
+use super::authenticate::Grant;
+use super::credentials::{Credential, Credentials, Resolved};
 use crate::config::Route;
 use crate::error::ProxyError;
 
@@ -40,15 +46,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Strips the request's own credentials and hop-by-hop headers and sets the route's credential.
+/// Credential headers of every kind keygate injects: the client's own are always removed.
+const CLIENT_CREDENTIALS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+/// Strips the request's own credentials and hop-by-hop headers and adds what the route adds.
+/// Returns the route's additions (the forward stage needs the secret for its reflection guard).
 pub fn inject(
     credentials: &Credentials,
     (index, route): (usize, &Route),
+    grant: Grant,
     req: &mut Request<Incoming>,
-) -> Result<(), ProxyError> {
-    let Credential::Ready(value) = credentials.get(index) else {
+) -> Result<Arc<Resolved>, ProxyError> {
+    let Credential::Ready(resolved) = credentials.get(index) else {
         return Err(ProxyError::NoCredential {
-            route: route.prefix.clone(),
+            route: route.name.clone(),
         });
     };
     let headers = req.headers_mut();
@@ -60,10 +76,28 @@ pub fn inject(
     if keep_te {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
-    headers.remove(super::authenticate::X_API_KEY);
+    for name in &CLIENT_CREDENTIALS {
+        headers.remove(name);
+    }
+    if let Some(name) = &resolved.strip {
+        headers.remove(name);
+    }
     headers.remove(header::HOST);
-    headers.insert(header::AUTHORIZATION, value);
-    Ok(())
+    for (name, value) in &resolved.defaults {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    for (name, value) in &resolved.credential {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Grant::Passthrough(bearer) = grant {
+        headers.insert(header::AUTHORIZATION, bearer);
+    }
+    for (name, value) in &resolved.extra {
+        headers.insert(name.clone(), value.clone());
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The data plane: one request, top to bottom.
 //!
 //! ```text
-//! client ─TLS─▶ authenticate ─▶ route ─▶ inject ─▶ forward ─▶ upstream
-//!                  401/503        404       503       502/504
+//! client ─TLS─▶ route ─▶ authenticate ─▶ inject ─▶ forward ─▶ upstream
+//!                404     401/403/502/503    503      502/504
 //! ```
 //!
 //! Each stage is a function of its own file; `handle` always answers, errors become responses
@@ -12,6 +12,7 @@ pub mod authenticate;
 pub mod credentials;
 pub mod forward;
 pub mod inject;
+pub mod passthrough;
 pub mod routes;
 
 use hyper::body::Incoming;
@@ -33,11 +34,12 @@ async fn pipeline(
     state: &AppState,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let _principal = authenticate::authenticate(&state.keys, req.headers()).await?;
+    let host = routes::request_host(req.uri(), req.headers());
     let route = state
         .routes
-        .select(req.uri().path())
+        .select(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    inject::inject(&state.credentials, route, &mut req)?;
-    forward::forward(&state.upstream, route, req).await
+    let grant = authenticate::authenticate(state, route, req.headers()).await?;
+    let added = inject::inject(&state.credentials, route, grant, &mut req)?;
+    forward::forward(&state.upstream, route, added.secret.as_ref(), req).await
 }

@@ -87,6 +87,8 @@ pub struct ApiKeyRecord {
     pub role: Role,
     /// When the key was seen in a cleartext request, if it was.
     pub exposed: Option<String>,
+    /// The routes (by name) this key may use; `None`: all of them.
+    pub routes: Option<Vec<String>>,
 }
 
 /// Who a valid key belongs to: what the proxy needs to know on the hot path.
@@ -96,6 +98,17 @@ pub struct Principal {
     pub org_id: String,
     pub user_id: String,
     pub role: Role,
+    /// The routes (by name) this key may use; `None`: all of them.
+    pub routes: Option<Vec<String>>,
+}
+
+impl Principal {
+    /// Whether this key may use the route named `route`.
+    pub fn may_use(&self, route: &str) -> bool {
+        self.routes
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|n| n == route))
+    }
 }
 
 /// A new key to insert: the caller generated the key and computed its digest and preview.
@@ -106,6 +119,8 @@ pub struct NewApiKey {
     pub role: Role,
     pub digest: KeyDigest,
     pub preview_name: String,
+    /// The routes (by name) the key may use; `None`: all.
+    pub routes: Option<Vec<String>>,
 }
 
 /// An ai_secret as listed: never the value.
@@ -167,6 +182,7 @@ pub struct EnvVarRecord {
 pub struct Revisions {
     pub keys: u64,
     pub secrets: u64,
+    pub env_vars: u64,
 }
 
 /// The default org and user of a store (a fresh store has exactly one of each).
@@ -360,6 +376,15 @@ pub trait Store: KeyLookup {
     ) -> Result<Option<EnvVarRecord>, StoreError>;
     /// Deletes an env var.
     fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError>;
+    /// The env vars of the given scopes with their decrypted values (vars without a value are
+    /// left out).
+    fn env_var_values(
+        &self,
+        org_id: &str,
+        scopes: &[(ObjectType, String)],
+    ) -> Result<Vec<(EnvVarRecord, Secret)>, StoreError>;
+    /// Stamps `used` on these env vars.
+    fn mark_env_vars_used(&self, org_id: &str, ids: &[String]) -> Result<(), StoreError>;
 
     /// The change counters.
     fn revisions(&self) -> Result<Revisions, StoreError>;
@@ -373,6 +398,7 @@ pub fn issue_key(
     owner: (&str, &str),
     name: &str,
     role: Role,
+    routes: Option<Vec<String>>,
 ) -> Result<(Secret, ApiKeyRecord), StoreError> {
     let key = master.generate_key()?;
     let rec = store.create_api_key(NewApiKey {
@@ -382,6 +408,7 @@ pub fn issue_key(
         role,
         digest: master.digest(key.expose()),
         preview_name: crate::crypto::key_preview(&key),
+        routes,
     })?;
     Ok((key, rec))
 }

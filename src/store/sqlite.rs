@@ -44,7 +44,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
   org_id TEXT NOT NULL REFERENCES orgs(id),
   role TEXT NOT NULL CHECK (role IN ('admin', 'proxy')),
   digest BLOB NOT NULL UNIQUE,
-  exposed TEXT
+  exposed TEXT,
+  routes TEXT,
+  rate_per_second REAL,
+  burst INTEGER
 );
 CREATE INDEX IF NOT EXISTS api_keys_list ON api_keys (org_id, created DESC, id DESC);
 CREATE TABLE IF NOT EXISTS ai_secrets (
@@ -248,7 +251,7 @@ fn tenant_in(conn: &Connection) -> Result<Tenant, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Rows.
 
-const KEY_COLUMNS: &str = "id, created, name, preview_name, user_id, org_id, role, exposed";
+const KEY_COLUMNS: &str = "id, created, name, preview_name, user_id, org_id, role, exposed, routes";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let role: String = r.get(6)?;
@@ -262,7 +265,14 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
         // The CHECK constraint keeps other values out; map defensively to the weaker role.
         role: Role::parse(&role).unwrap_or(Role::Proxy),
         exposed: r.get(7)?,
+        routes: routes_from(r.get(8)?),
     })
+}
+
+/// A key's route list, stored as a JSON array (NULL: all routes).
+fn routes_from(text: Option<String>) -> Option<Vec<String>> {
+    // An unreadable list grants nothing rather than everything.
+    text.map(|t| serde_json::from_str(&t).unwrap_or_default())
 }
 
 const SECRET_COLUMNS: &str =
@@ -415,7 +425,7 @@ impl KeyLookup for SqliteStore {
         let rev = revision(&tx, "keys")?;
         let found = tx
             .query_row(
-                "SELECT id, org_id, user_id, role, digest FROM api_keys WHERE digest = ?1",
+                "SELECT id, org_id, user_id, role, digest, routes FROM api_keys WHERE digest = ?1",
                 [digest.as_slice()],
                 |r| {
                     let role: String = r.get(3)?;
@@ -426,6 +436,7 @@ impl KeyLookup for SqliteStore {
                             org_id: r.get(1)?,
                             user_id: r.get(2)?,
                             role: Role::parse(&role).unwrap_or(Role::Proxy),
+                            routes: routes_from(r.get(5)?),
                         },
                         stored,
                     ))
@@ -458,8 +469,8 @@ impl Store for SqliteStore {
         let tx = immediate(&mut conn)?;
         let (id, created) = new_id();
         tx.execute(
-            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 id,
                 created,
@@ -468,7 +479,8 @@ impl Store for SqliteStore {
                 new.user_id,
                 new.org_id,
                 new.role.as_str(),
-                new.digest.as_slice()
+                new.digest.as_slice(),
+                new.routes.as_ref().map(|r| serde_json::Value::from(r.clone()).to_string())
             ],
         )?;
         let rec = tx.query_row(
@@ -871,11 +883,51 @@ impl Store for SqliteStore {
         Ok(rec)
     }
 
+    fn env_var_values(
+        &self,
+        org_id: &str,
+        scopes: &[(ObjectType, String)],
+    ) -> Result<Vec<(EnvVarRecord, Secret)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ENV_COLUMNS}, sealed FROM env_vars
+             WHERE org_id = ?1 AND object_type = ?2 AND object_id = ?3 AND sealed IS NOT NULL
+             ORDER BY created, id"
+        ))?;
+        let mut out = Vec::new();
+        for (ot, oid) in scopes {
+            let rows = stmt.query_map(params![org_id, ot.as_str(), oid], |r| {
+                Ok((env_from_row(r)?, r.get::<_, Vec<u8>>(7)?))
+            })?;
+            for row in rows {
+                let (rec, sealed) = row?;
+                let value = self.master.open(&format!("env_var:{}", rec.id), &sealed)?;
+                out.push((rec, value));
+            }
+        }
+        Ok(out)
+    }
+
+    fn mark_env_vars_used(&self, org_id: &str, ids: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let now = now_rfc3339();
+        for id in ids {
+            tx.execute(
+                "UPDATE env_vars SET used = ?3 WHERE org_id = ?1 AND id = ?2",
+                params![org_id, id, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn revisions(&self) -> Result<Revisions, StoreError> {
         let conn = self.conn();
         Ok(Revisions {
             keys: revision(&conn, "keys")?,
             secrets: revision(&conn, "secrets")?,
+            env_vars: revision(&conn, "env_vars")?,
         })
     }
 }
@@ -919,6 +971,7 @@ mod tests {
                 role: Role::Proxy,
                 digest: [9; 32],
                 preview_name: "sk-****abcd".into(),
+                routes: None,
             })
             .unwrap();
         assert!(s.revisions().unwrap().keys > r0.keys);

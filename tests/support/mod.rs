@@ -363,7 +363,8 @@ impl Keygate {
                 put_secret(store.as_ref(), secret, UPSTREAM_SECRET);
             }
             let owner = (t.org_id.as_str(), t.user_id.as_str());
-            let (k, rec) = issue_key(store.as_ref(), &master, owner, "test", Role::Proxy).unwrap();
+            let (k, rec) =
+                issue_key(store.as_ref(), &master, owner, "test", Role::Proxy, None).unwrap();
             (k.expose().to_owned(), rec.id)
         };
         let running = app::start(config, None).await.expect("keygate starts");
@@ -559,7 +560,7 @@ pub fn make_key(kg: &Keygate, role: Role) -> (String, String) {
     let (master, store) = kg.store();
     let t = store.tenant().unwrap();
     let owner = (t.org_id.as_str(), t.user_id.as_str());
-    let (k, rec) = issue_key(store.as_ref(), &master, owner, "made", role).unwrap();
+    let (k, rec) = issue_key(store.as_ref(), &master, owner, "made", role, None).unwrap();
     (k.expose().to_owned(), rec.id)
 }
 

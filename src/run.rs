@@ -1,0 +1,107 @@
+//! `keygate run`: start a command with the env vars of a scope decrypted into its environment.
+//!
+//! ```text
+//!  org-scoped vars (object_type organization, object_id = the org's id or name)
+//!    overlaid by the scope's own vars (narrower scope wins)
+//!  ─▶ spawn CMD with them (stdin/stdout/stderr inherited) ─▶ stamp `used` on each injected var
+//!  ─▶ forward INT, TERM, HUP, QUIT, USR1, USR2 to the child ─▶ exit with the child's code
+//!     (128 + signal number when a signal ended it)
+//! ```
+//!
+//! Values go into the child's environment only: never into a log line or an error message.
+
+use std::collections::BTreeMap;
+
+use crate::secret::Secret;
+use crate::store::{EnvVarRecord, ObjectType, Store, StoreError};
+
+/// The env vars for a scope: the org's, overlaid by the scope's own. Sorted by name.
+pub fn scope_env(
+    store: &dyn Store,
+    org: (&str, &str),
+    object_type: ObjectType,
+    object_id: &str,
+) -> Result<Vec<(EnvVarRecord, Secret)>, StoreError> {
+    let (org_id, org_name) = org;
+    let mut scopes = vec![
+        (ObjectType::Organization, org_name.to_owned()),
+        (ObjectType::Organization, org_id.to_owned()),
+    ];
+    if object_type != ObjectType::Organization {
+        scopes.push((object_type, object_id.to_owned()));
+    } else if object_id != org_id && object_id != org_name {
+        scopes.push((ObjectType::Organization, object_id.to_owned()));
+    }
+    // Later scopes are narrower: they overwrite.
+    let mut by_name: BTreeMap<String, (EnvVarRecord, Secret)> = BTreeMap::new();
+    for (rec, value) in store.env_var_values(org_id, &scopes)? {
+        by_name.insert(rec.name.clone(), (rec, value));
+    }
+    Ok(by_name.into_values().collect())
+}
+
+/// Starts `command` with `env` added to this process's environment.
+pub fn spawn(
+    command: &[String],
+    env: &[(EnvVarRecord, Secret)],
+) -> Result<tokio::process::Child, String> {
+    let (program, args) = command.split_first().ok_or("no command given after --")?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    for (rec, value) in env {
+        cmd.env(&rec.name, value.expose());
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))
+}
+
+/// Forwards signals to the child until it exits; returns the exit code to pass on.
+pub async fn supervise(mut child: tokio::process::Child) -> Result<i32, String> {
+    use nix::sys::signal::Signal;
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let Some(pid) = child.id() else {
+        // Already reaped: report its status.
+        let status = child.wait().await.map_err(|e| e.to_string())?;
+        return Ok(exit_code(status));
+    };
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let kinds = [
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::quit(), Signal::SIGQUIT),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+    ];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (kind, sig) in kinds {
+        let mut stream = signal(kind).map_err(|e| format!("cannot watch signals: {e}"))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return Ok(exit_code(status.map_err(|e| format!("waiting for the command: {e}"))?));
+            }
+            Some(sig) = rx.recv() => {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
