@@ -74,18 +74,19 @@ pub async fn handle(
             check_env_name(&b.name)?;
             check_value(&b.value)?;
             let patch = move |s: &AppState, org: &str, id: &str| {
-                s.store.patch_env_var(org, id, &b.name, b.value)
+                let rec = s.store.patch_env_var(org, id, &b.name, b.value)?;
+                s.secrets_changed()?;
+                Ok(rec)
             };
             ctx.by_id("env_var", id, patch, to_json).await
         }
         (Method::DELETE, Some(id)) => {
-            ctx.by_id(
-                "env_var",
-                id,
-                |s, org, id| s.store.delete_env_var(org, id),
-                to_json,
-            )
-            .await
+            let delete = |s: &AppState, org: &str, id: &str| {
+                let rec = s.store.delete_env_var(org, id)?;
+                s.secrets_changed()?;
+                Ok(rec)
+            };
+            ctx.by_id("env_var", id, delete, to_json).await
         }
         (_, None) => Err(AdminError::MethodNotAllowed("GET, POST, PUT, OPTIONS")),
         (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE, OPTIONS")),
@@ -161,7 +162,11 @@ async fn write(
         value: b.value,
     };
     let rec = ctx
-        .store(move |s| s.store.write_env_var(&org, w, mode))
+        .store(move |s| {
+            let rec = s.store.write_env_var(&org, w, mode)?;
+            s.secrets_changed()?;
+            Ok(rec)
+        })
         .await?;
     Ok(ok(to_json(&rec)))
 }

@@ -104,7 +104,8 @@ impl AppState {
         Ok(())
     }
 
-    /// After a secret write: rebuild the routes' credentials now, not at the next poll.
+    /// After a secret or env var write: rebuild the routes' credentials (and templated
+    /// headers) now, not at the next poll.
     pub fn secrets_changed(&self) -> Result<(), StoreError> {
         self.credentials
             .refresh(self.store.as_ref(), &self.tenant, &self.config.routes)

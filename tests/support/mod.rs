@@ -42,6 +42,9 @@ pub fn full(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// The one key the fake upstream's `/v1/api_key` accepts (passthrough validation).
+pub const PASSTHROUGH_GOOD_KEY: &str = "pt-good-key-4242";
+
 /// The upstream secret every test route injects unless told otherwise.
 pub const UPSTREAM_SECRET: &str = "upstream-secret-Zq9Xw4Lm";
 
@@ -293,8 +296,49 @@ async fn upstream_answer(
         }
         "/slow" => {
             requests.lock().unwrap().push(rec);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            let ms = query
+                .strip_prefix("ms=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             Response::new(Full::new(Bytes::from_static(b"late")).boxed())
+        }
+        // A passthrough validation endpoint that accepts exactly one key.
+        "/v1/api_key" => {
+            let ok = rec
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                == Some(&format!("Bearer {PASSTHROUGH_GOOD_KEY}"));
+            requests.lock().unwrap().push(rec);
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from_static(b"{\"objects\":[]}")).boxed())
+                .unwrap()
+        }
+        "/validate-500" => {
+            requests.lock().unwrap().push(rec);
+            Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap()
+        }
+        // Echoes the credential headers it got back in response headers (a careless upstream).
+        "/echo" => {
+            let mut b = Response::builder().header("x-safe", "1");
+            for h in ["authorization", "x-api-key", "x-goog-api-key", "api-key"] {
+                if let Some(v) = rec.headers.get(h) {
+                    b = b.header(format!("x-echo-{h}"), v.clone());
+                    b = b.header("x-debug", format!("saw {h}={}", v.to_str().unwrap_or("")));
+                }
+            }
+            requests.lock().unwrap().push(rec);
+            b.body(Full::new(Bytes::new()).boxed()).unwrap()
         }
         _ => {
             rec.body = body
@@ -545,14 +589,25 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 
 /// Stores an ai_secret of type openai in the default org (the CLI's `secrets put`).
 pub fn put_secret(store: &dyn Store, name: &str, value: &str) {
+    put_typed(store, name, "openai", value, None);
+}
+
+/// Stores (replaces) an ai_secret with a type and metadata in the default org.
+pub fn put_typed(
+    store: &dyn Store,
+    name: &str,
+    ty: &str,
+    value: &str,
+    metadata: Option<serde_json::Value>,
+) {
     let org = store.tenant().unwrap().org_id;
     let w = AiSecretWrite {
         name: name.into(),
-        secret_type: Some("openai".into()),
-        metadata: None,
+        secret_type: Some(ty.into()),
+        metadata: metadata.and_then(|m| m.as_object().cloned()),
         secret: Some(Secret::new(value.into())),
     };
-    store.write_ai_secret(&org, w, WriteMode::SetValue).unwrap();
+    store.write_ai_secret(&org, w, WriteMode::Replace).unwrap();
 }
 
 /// Creates a key in the default org; returns (key, id).
