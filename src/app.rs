@@ -25,11 +25,14 @@ use crate::crypto::{MasterKey, MasterKeyError, MasterKeySource};
 use crate::keycache::{KeyCache, KeyCacheSettings};
 use crate::proxy::credentials::Credentials;
 use crate::proxy::forward::Upstream;
+use crate::proxy::limit::Limiters;
 use crate::proxy::passthrough::PassthroughCache;
 use crate::proxy::routes::RouteTable;
 use crate::secret::Secret;
 use crate::server::{accept_loop, Plane};
-use crate::store::{issue_key, Revisions, Role, SqliteStore, Store, StoreError, Tenant};
+use crate::store::{
+    issue_key, KeyOptions, Revisions, Role, SqliteStore, Store, StoreError, Tenant,
+};
 use crate::tls::TlsError;
 
 /// A failure to start.
@@ -68,6 +71,7 @@ pub struct AppState {
     pub routes: RouteTable,
     pub credentials: Credentials,
     pub passthrough: PassthroughCache,
+    pub limits: Limiters,
     pub upstream: Upstream,
     pub counters: Counters,
 }
@@ -189,8 +193,7 @@ pub async fn start(
                 &master,
                 (&t.org_id, &t.user_id),
                 "admin",
-                Role::Admin,
-                None,
+                KeyOptions::role(Role::Admin),
             )?;
             tracing::info!(key_id = %rec.id, "the store was empty: created the first admin key");
             Ok(Some(key))
@@ -263,6 +266,7 @@ pub async fn start(
         keys,
         credentials,
         passthrough: PassthroughCache::new(config.keys.cache_capacity),
+        limits: Limiters::new(&config.limits, &config.routes),
         upstream,
         counters: Counters::default(),
     });
@@ -282,7 +286,8 @@ pub async fn start(
             shutdown_rx.clone(),
         ));
     }
-    tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx));
+    tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx.clone()));
+    tasks.spawn(evict_idle_limiter_state(state.clone(), shutdown_rx));
 
     Ok(Running {
         proxy_addr,
@@ -302,6 +307,19 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}")).into()))
+}
+
+/// Drops limiter state of keys and IPs idle long enough to be back at a full bucket, so that
+/// limiter memory follows recent activity.
+async fn evict_idle_limiter_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.limits.evict_idle(),
+            _ = crate::server::signalled(&mut shutdown) => return,
+        }
+    }
 }
 
 /// Asks the store every poll interval whether keys or secrets changed.

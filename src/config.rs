@@ -57,7 +57,24 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    default: Option<RawLimit>,
+    auth_failures: Option<RawLimit>,
+    admin: Option<RawLimit>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    per_second: f64,
+    burst: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +143,7 @@ struct RawRoute {
     #[serde(default)]
     set_headers: std::collections::BTreeMap<String, String>,
     validate: Option<RawValidate>,
+    limit: Option<RawLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,7 +166,46 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub keys: KeysConfig,
     pub server: ServerConfig,
+    pub limits: LimitsConfig,
     pub routes: Vec<Route>,
+}
+
+/// A GCRA quota: a sustained rate per second and a burst. Hashable (the rate is kept in
+/// thousandths) so that limiters can be shared by quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitSpec {
+    milli_per_second: u64,
+    /// The most requests admitted at once.
+    pub burst: u32,
+}
+
+impl LimitSpec {
+    /// A quota of `per_second` (0.001 to 1,000,000) with `burst` (1 to 1,000,000).
+    pub fn new(per_second: f64, burst: u32) -> Option<LimitSpec> {
+        let valid = per_second.is_finite()
+            && (0.001..=1_000_000.0).contains(&per_second)
+            && (1..=1_000_000).contains(&burst);
+        valid.then(|| LimitSpec {
+            milli_per_second: (per_second * 1000.0).round() as u64,
+            burst,
+        })
+    }
+
+    /// The sustained rate.
+    pub fn per_second(&self) -> f64 {
+        self.milli_per_second as f64 / 1000.0
+    }
+}
+
+/// Rate limits.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Every key's quota unless the key has its own.
+    pub default: LimitSpec,
+    /// Failed authentications per client IP.
+    pub auth_failures: LimitSpec,
+    /// Admin API calls per admin key.
+    pub admin: LimitSpec,
 }
 
 /// Listener addresses.
@@ -230,6 +287,8 @@ pub struct Route {
     pub inject: Inject,
     /// Extra upstream headers, templated from the org's env vars.
     pub set_headers: Vec<(http::HeaderName, Template)>,
+    /// A per-key quota on this route, on top of the key's own.
+    pub limit: Option<LimitSpec>,
 }
 
 /// A header value with `{env:NAME}` placeholders.
@@ -402,6 +461,21 @@ impl Check<'_> {
         })
     }
 
+    fn limit(
+        &self,
+        field: &str,
+        v: Option<RawLimit>,
+        default: (f64, u32),
+    ) -> Result<LimitSpec, ConfigError> {
+        let (per_second, burst) = v.map(|l| (l.per_second, l.burst)).unwrap_or(default);
+        LimitSpec::new(per_second, burst).ok_or_else(|| {
+            self.err(
+                field,
+                "per_second must be between 0.001 and 1000000 and burst between 1 and 1000000",
+            )
+        })
+    }
+
     fn duration(
         &self,
         field: &str,
@@ -535,6 +609,11 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             Duration::from_secs(30),
         )?,
     };
+    let limits = LimitsConfig {
+        default: c.limit("limits.default", raw.limits.default, (10.0, 20))?,
+        auth_failures: c.limit("limits.auth_failures", raw.limits.auth_failures, (10.0, 20))?,
+        admin: c.limit("limits.admin", raw.limits.admin, (20.0, 40))?,
+    };
     let mut routes = Vec::with_capacity(raw.route.len());
     for (i, r) in raw.route.into_iter().enumerate() {
         routes.push(validate_route(&c, i, r)?);
@@ -566,6 +645,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         upstream,
         keys,
         server,
+        limits,
         routes,
     })
 }
@@ -745,6 +825,10 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
         None => r.prefix.clone(),
     };
     let inject = validate_inject(c, i, r.inject, r.validate)?;
+    let limit = r
+        .limit
+        .map(|l| c.limit(&format!("route[{i}].limit"), Some(l), (0.0, 0)))
+        .transpose()?;
     let mut set_headers = Vec::with_capacity(r.set_headers.len());
     for (k, v) in r.set_headers {
         let f = format!("route[{i}].set_headers.{k}");
@@ -764,6 +848,7 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
         },
         inject,
         set_headers,
+        limit,
     })
 }
 

@@ -25,6 +25,9 @@ pub enum ProxyError {
     /// The key is valid but may not use this route.
     #[error("key may not use route {route}")]
     Forbidden { route: String },
+    /// Over a rate limit (the key's, the route's, or the IP's for failed authentication).
+    #[error("rate limit exceeded")]
+    RateLimited(crate::proxy::limit::Limited),
     /// A passthrough key could not be validated: the upstream failed, not the key.
     #[error("passthrough key validation failed")]
     PassthroughValidation,
@@ -74,6 +77,7 @@ impl ProxyError {
                 StatusCode::FORBIDDEN,
                 format!("this key may not use route {route}").into(),
             ),
+            ProxyError::RateLimited(l) => return rate_limited(l),
             ProxyError::PassthroughValidation => (
                 StatusCode::BAD_GATEWAY,
                 "the upstream could not validate the key".into(),
@@ -111,6 +115,19 @@ impl ProxyError {
         };
         error_response(status, &message)
     }
+}
+
+/// The 429 answer: JSON error, `Retry-After`, `RateLimit-Policy` and `RateLimit`.
+pub fn rate_limited(l: &crate::proxy::limit::Limited) -> Response<Body> {
+    let mut res = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        Bytes::from_static(br#"{"error":"rate limit exceeded"}"#),
+    );
+    let h = res.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after));
+    h.insert("ratelimit-policy", l.policy.clone());
+    h.insert("ratelimit", l.ratelimit.clone());
+    res
 }
 
 /// A JSON `{"error": message}` response.
@@ -173,6 +190,9 @@ pub enum AdminError {
     /// The key store is unreadable beyond the staleness bound.
     #[error("key store unavailable")]
     StoreUnavailable,
+    /// Over the admin API rate limit, or the IP's failed-authentication allowance.
+    #[error("rate limit exceeded")]
+    RateLimited(crate::proxy::limit::Limited),
     /// A bug or a store failure; details only in the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -222,6 +242,7 @@ impl AdminError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than {cap} bytes").into(),
             ),
+            AdminError::RateLimited(l) => return rate_limited(l),
             AdminError::StoreUnavailable => {
                 tracing::error!("admin API failing closed: key store unavailable");
                 (

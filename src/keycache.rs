@@ -187,6 +187,8 @@ mod tests {
             }
             let found = (*self.known.lock().unwrap() == Some(*digest)).then(|| Principal {
                 key_id: "k1".into(),
+                key_uid: 1,
+                limit: None,
                 org_id: "o".into(),
                 user_id: "u".into(),
                 role: Role::Proxy,

@@ -13,7 +13,9 @@ use zeroize::Zeroizing;
 use keygate::app;
 use keygate::config::Config;
 use keygate::secret::Secret;
-use keygate::store::{issue_key, AiSecretWrite, ListQuery, Role, SecretRef, Store, WriteMode};
+use keygate::store::{
+    issue_key, AiSecretWrite, KeyOptions, ListQuery, Role, SecretRef, Store, WriteMode,
+};
 
 #[derive(Parser)]
 #[command(
@@ -87,6 +89,12 @@ enum KeysCommand {
         /// Limit the key to this route (by name; repeat for several). Default: every route.
         #[arg(long = "route", value_name = "NAME")]
         routes: Vec<String>,
+        /// The key's own sustained rate (requests per second); needs --burst.
+        #[arg(long, requires = "burst")]
+        rate: Option<f64>,
+        /// The key's own burst; needs --rate.
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
     },
     /// List keys (never the keys themselves).
     List,
@@ -229,7 +237,19 @@ async fn wait_for_signal() {
 fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
     let (master, store) = app::open_store(&config, master_env()).map_err(|e| e.to_string())?;
     match cmd {
-        KeysCommand::Create { name, role, routes } => {
+        KeysCommand::Create {
+            name,
+            role,
+            routes,
+            rate,
+            burst,
+        } => {
+            let limit = match (rate, burst) {
+                (Some(r), Some(b)) => Some(keygate::config::LimitSpec::new(r, b).ok_or(
+                    "--rate must be between 0.001 and 1000000 and --burst between 1 and 1000000",
+                )?),
+                _ => None,
+            };
             for r in &routes {
                 if !config.routes.iter().any(|c| &c.name == r) {
                     return Err(format!("--route {r}: no route of the config is named so"));
@@ -250,8 +270,11 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
                 &master,
                 (&t.org_id, &t.user_id),
                 name,
-                role,
-                routes,
+                KeyOptions {
+                    role,
+                    routes,
+                    limit,
+                },
             )
             .map_err(|e| e.to_string())?;
             eprintln!(

@@ -123,8 +123,8 @@ impl Conn {
             let state = state.clone();
             async move {
                 Ok::<_, Infallible>(match plane {
-                    Plane::Proxy => crate::proxy::handle(&state, req).await,
-                    Plane::Admin => crate::admin::handle(state, req).await,
+                    Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
+                    Plane::Admin => crate::admin::handle(state, req, peer.ip()).await,
                 })
             }
         });

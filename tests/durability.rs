@@ -20,7 +20,7 @@ async fn acknowledged_writes_survive_kill_9_mid_write_and_a_restart() {
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nca_file = {:?}\n\
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[limits]\nadmin = {{ per_second = 100000, burst = 100000 }}\n[upstream]\nca_file = {:?}\n\
              [[route]]\nprefix = \"/\"\nupstream = {:?}\ninject = {{ ai_secret = \"S0\" }}\n",
             ca.ca_file,
             up.url()

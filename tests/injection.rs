@@ -329,7 +329,7 @@ async fn passthrough_keys_are_validated_once_and_cached() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let extra = format!(
-        "response_header_timeout = \"500ms\"\n\
+        "response_header_timeout = \"500ms\"\n[limits]\ndefault = {{ per_second = 1000, burst = 1000 }}\n\
          [[route]]\nname = \"pt\"\nprefix = \"/pt\"\nupstream = \"{u}\"\ninject = \"passthrough\"\n\
          [[route]]\nname = \"pt-broken\"\nprefix = \"/broken\"\nupstream = \"{u}\"\ninject = \"passthrough\"\nvalidate = {{ path = \"/validate-500\" }}\n\
          [[route]]\nname = \"pt-slow\"\nprefix = \"/slowval\"\nupstream = \"{u}\"\ninject = \"passthrough\"\nvalidate = {{ path = \"/slow?ms=3000\" }}\n",

@@ -54,7 +54,13 @@ fn venv_python() -> PathBuf {
 async fn the_official_python_client_works_unmodified() {
     let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     let ca = TestCa::new();
-    let kg = Keygate::start(&ca, &[], "").await;
+    // A tight admin limit, so that the client's retry-on-429 is exercised.
+    let kg = Keygate::start(
+        &ca,
+        &[],
+        "[limits]\nadmin = { per_second = 10, burst = 20 }\n",
+    )
+    .await;
     let (admin_key, _) = make_key(&kg, keygate::store::Role::Admin);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/official_client/braintrust_flow.py");
@@ -76,7 +82,7 @@ async fn the_official_python_client_works_unmodified() {
         out.status.success(),
         "official client checks failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
     assert!(!stdout.contains(&admin_key) && !stderr.contains(&admin_key));
     kg.stop().await;
 }

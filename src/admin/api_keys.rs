@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 use super::request::{check_name, json_body, Params};
 use super::{ok, Ctx};
 use crate::app::AppState;
+use crate::config::LimitSpec;
 use crate::error::AdminError;
-use crate::store::{issue_key, ApiKeyRecord, Role};
+use crate::store::{issue_key, ApiKeyRecord, KeyOptions, Role};
 use crate::Body;
 
 /// The wire form of a key record (never the key).
@@ -33,6 +34,7 @@ pub fn to_json(k: &ApiKeyRecord) -> Value {
         "role": k.role.as_str(),
         "exposed": k.exposed,
         "routes": k.routes,
+        "rate_limit": k.limit.map(|l| json!({"per_second": l.per_second(), "burst": l.burst})),
     })
 }
 
@@ -46,6 +48,34 @@ struct CreateBody {
     role: Option<String>,
     #[serde(default)]
     routes: Option<Vec<String>>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitBody>,
+}
+
+/// The `rate_limit` extension field: a key's own quota.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitBody {
+    per_second: f64,
+    burst: u32,
+}
+
+impl RateLimitBody {
+    fn spec(&self) -> Result<LimitSpec, AdminError> {
+        LimitSpec::new(self.per_second, self.burst).ok_or_else(|| {
+            AdminError::BadRequest(
+                "`rate_limit`: per_second must be between 0.001 and 1000000 and burst between 1 and 1000000".into(),
+            )
+        })
+    }
+}
+
+/// `PATCH /v1/api_key/{id}` (an extension: the contract has no key update): sets or, with
+/// `null`, clears the key's own quota. Takes effect on the key's next request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    rate_limit: Option<RateLimitBody>,
 }
 
 /// Routes `/v1/api_key[/{id}]`.
@@ -69,6 +99,21 @@ pub async fn handle(
             )
             .await
         }
+        (Method::PATCH, Some(id)) => {
+            let (parts, body) = req.into_parts();
+            let b: PatchBody = super::request::required_body(&parts.headers, body).await?;
+            let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
+            let by = ctx.principal.key_id.clone();
+            let patch = move |s: &AppState, org: &str, id: &str| {
+                let rec = s.store.set_api_key_limit(org, id, limit)?;
+                s.keys_changed()?;
+                if let Some(k) = &rec {
+                    tracing::info!(key_id = %k.id, by = %by, "key quota changed through the admin API");
+                }
+                Ok(rec)
+            };
+            ctx.by_id("api_key", id, patch, to_json).await
+        }
         (Method::DELETE, Some(id)) => {
             let by = ctx.principal.key_id.clone();
             let delete = move |s: &AppState, org: &str, id: &str| {
@@ -82,7 +127,7 @@ pub async fn handle(
             ctx.by_id("api_key", id, delete, to_json).await
         }
         (_, None) => Err(AdminError::MethodNotAllowed("GET, POST, OPTIONS")),
-        (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, DELETE, OPTIONS")),
+        (_, Some(_)) => Err(AdminError::MethodNotAllowed("GET, PATCH, DELETE, OPTIONS")),
     }
 }
 
@@ -127,20 +172,18 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
             }
         }
     }
+    let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
     let org = ctx.org(b.org_name.as_deref()).await?;
     let user = ctx.principal.user_id.clone();
-    let routes = b.routes;
+    let opts = KeyOptions {
+        role,
+        routes: b.routes,
+        limit,
+    };
     let name = b.name;
     let (key, rec) = ctx
         .store(move |s| {
-            let out = issue_key(
-                s.store.as_ref(),
-                &s.master,
-                (&org, &user),
-                &name,
-                role,
-                routes,
-            )?;
+            let out = issue_key(s.store.as_ref(), &s.master, (&org, &user), &name, opts)?;
             s.keys_changed()?;
             Ok(out)
         })

@@ -17,6 +17,7 @@ pub mod api_keys;
 pub mod env_vars;
 pub mod request;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,11 +32,11 @@ use crate::store::{Principal, Role, StoreError};
 use crate::Body;
 
 /// Serves one admin request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
     let mut res = if req.method() == Method::OPTIONS {
         preflight(&req)
     } else {
-        match route(state, req).await {
+        match route(state, req, peer).await {
             Ok(res) => res,
             Err(e) => e.into_response(),
         }
@@ -117,7 +118,11 @@ pub fn ok(v: serde_json::Value) -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from(v.to_string()))
 }
 
-async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
+async fn route(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<Response<Body>, AdminError> {
     let path = req.uri().path();
     let path = path
         .strip_suffix('/')
@@ -132,7 +137,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<
             _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
         };
     }
-    let principal = authenticate(&state, req.headers()).await?;
+    let (principal, ratelimit) = authenticate(&state, req.headers(), peer).await?;
     let mut parts = path.trim_start_matches('/').splitn(3, '/');
     let (v1, resource, id) = (parts.next(), parts.next(), parts.next());
     if v1 != Some("v1") || id.is_some_and(|i| i.contains('/')) {
@@ -140,12 +145,14 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<
     }
     let id = id.map(request::parse_id).transpose()?;
     let ctx = Ctx { state, principal };
-    match resource {
+    let mut res = match resource {
         Some("api_key") => api_keys::handle(&ctx, req, id).await,
         Some("ai_secret") => ai_secrets::handle(&ctx, req, id).await,
         Some("env_var") => env_vars::handle(&ctx, req, id).await,
         _ => Err(no_endpoint(&req)),
-    }
+    }?;
+    res.headers_mut().insert("ratelimit", ratelimit);
+    Ok(res)
 }
 
 fn no_endpoint(req: &Request<Incoming>) -> AdminError {
@@ -156,21 +163,42 @@ fn no_endpoint(req: &Request<Incoming>) -> AdminError {
     ))
 }
 
+/// The admin key of the request, and the `RateLimit` value of its admission. Failed attempts
+/// count against the peer's allowance, as on the proxy listener.
 async fn authenticate(
     state: &AppState,
     headers: &http::HeaderMap,
-) -> Result<Arc<Principal>, AdminError> {
-    let key = crate::proxy::authenticate::presented_key(headers).ok_or(AdminError::Unauthorized)?;
-    match state.keys.authenticate(key).await {
-        Ok(Some(p)) if p.role == Role::Admin => Ok(p),
-        Ok(Some(_)) => Err(AdminError::Forbidden),
-        Ok(None) => Err(AdminError::Unauthorized),
-        Err(LookupError::Stale) => Err(AdminError::StoreUnavailable),
+    peer: IpAddr,
+) -> Result<(Arc<Principal>, HeaderValue), AdminError> {
+    if let Some(l) = state.limits.ip_blocked(peer) {
+        return Err(AdminError::RateLimited(l));
+    }
+    let found = match crate::proxy::authenticate::presented_key(headers) {
+        None => Ok(None),
+        Some(key) => state.keys.authenticate(key).await,
+    };
+    let principal = match found {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(match state.limits.auth_failed(peer) {
+                Some(l) => AdminError::RateLimited(l),
+                None => AdminError::Unauthorized,
+            })
+        }
+        Err(LookupError::Stale) => return Err(AdminError::StoreUnavailable),
         Err(LookupError::Store(e)) => {
             tracing::error!(error = %e, "key lookup failed");
-            Err(AdminError::StoreUnavailable)
+            return Err(AdminError::StoreUnavailable);
         }
+    };
+    if principal.role != Role::Admin {
+        return Err(AdminError::Forbidden);
     }
+    let ratelimit = state
+        .limits
+        .check_admin(principal.key_uid)
+        .map_err(AdminError::RateLimited)?;
+    Ok((principal, ratelimit))
 }
 
 /// The CORS preflight answer. Auth travels in a header, never a cookie, so allowing any origin

@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use http::header::{HeaderMap, AUTHORIZATION};
+use std::net::IpAddr;
+
 use http::HeaderValue;
 
 use crate::app::AppState;
@@ -49,24 +51,44 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 pub enum Grant {
     /// A keygate key.
     Key(Arc<Principal>),
-    /// A passthrough key, validated upstream: the `Authorization` value to forward.
-    Passthrough(HeaderValue),
+    /// A passthrough key, validated upstream: the `Authorization` value to forward, and the
+    /// number its rate limiter state is keyed by (from its keyed digest).
+    Passthrough { bearer: HeaderValue, uid: u128 },
 }
 
 /// Authenticates the request for its route: a keygate key allowed on the route, or on a
 /// passthrough route a key the upstream accepts.
+/// Failed attempts count against `peer`'s allowance; a blocked peer gets 429 before any lookup.
 pub async fn authenticate(
+    state: &AppState,
+    route: (usize, &Route),
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<Grant, ProxyError> {
+    if let Some(l) = state.limits.ip_blocked(peer) {
+        return Err(ProxyError::RateLimited(l));
+    }
+    match check(state, route, headers).await {
+        Err(ProxyError::Unauthorized) => Err(match state.limits.auth_failed(peer) {
+            Some(l) => ProxyError::RateLimited(l),
+            None => ProxyError::Unauthorized,
+        }),
+        other => other,
+    }
+}
+
+async fn check(
     state: &AppState,
     (index, route): (usize, &Route),
     headers: &HeaderMap,
 ) -> Result<Grant, ProxyError> {
     let key = presented_key(headers).ok_or(ProxyError::Unauthorized)?;
     if let Inject::Passthrough(v) = &route.inject {
-        let bearer = state
+        let (bearer, uid) = state
             .passthrough
             .validate(&state.master, &state.upstream, (index, route), v, key)
             .await?;
-        return Ok(Grant::Passthrough(bearer));
+        return Ok(Grant::Passthrough { bearer, uid });
     }
     let principal = match state.keys.authenticate(key).await {
         Ok(Some(p)) => p,

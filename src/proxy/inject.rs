@@ -91,7 +91,7 @@ pub fn inject(
     for (name, value) in &resolved.credential {
         headers.insert(name.clone(), value.clone());
     }
-    if let Grant::Passthrough(bearer) = grant {
+    if let Grant::Passthrough { bearer, .. } = grant {
         headers.insert(header::AUTHORIZATION, bearer);
     }
     for (name, value) in &resolved.extra {

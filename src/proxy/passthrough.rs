@@ -59,7 +59,8 @@ impl PassthroughCache {
         }
     }
 
-    /// Checks `key` for route `index`; returns the `Authorization` value to forward.
+    /// Checks `key` for route `index`; returns the `Authorization` value to forward and the
+    /// number its rate limiter state is keyed by.
     pub async fn validate(
         &self,
         master: &MasterKey,
@@ -67,7 +68,7 @@ impl PassthroughCache {
         (index, route): (usize, &Route),
         v: &Validate,
         key: &str,
-    ) -> Result<HeaderValue, ProxyError> {
+    ) -> Result<(HeaderValue, u128), ProxyError> {
         if key.is_empty() || key.len() > MAX_KEY || key.bytes().any(|b| !b.is_ascii_graphic()) {
             return Err(ProxyError::Unauthorized);
         }
@@ -99,7 +100,9 @@ impl PassthroughCache {
             .await
             .map_err(|_| ProxyError::PassthroughValidation)?;
         if verdict.valid {
-            Ok(bearer)
+            let mut uid = [0u8; 16];
+            uid.copy_from_slice(&digest[..16]);
+            Ok((bearer, u128::from_be_bytes(uid)))
         } else {
             Err(ProxyError::Unauthorized)
         }

@@ -16,6 +16,7 @@ mod sqlite;
 
 pub use sqlite::{now_rfc3339, SqliteStore};
 
+use crate::config::LimitSpec;
 use crate::crypto::KeyDigest;
 use crate::secret::Secret;
 
@@ -89,12 +90,18 @@ pub struct ApiKeyRecord {
     pub exposed: Option<String>,
     /// The routes (by name) this key may use; `None`: all of them.
     pub routes: Option<Vec<String>>,
+    /// The key's own quota; `None`: the default.
+    pub limit: Option<LimitSpec>,
 }
 
 /// Who a valid key belongs to: what the proxy needs to know on the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub key_id: String,
+    /// The key id as a number: what rate limiter state is keyed by.
+    pub key_uid: u128,
+    /// The key's own quota; `None`: the default.
+    pub limit: Option<LimitSpec>,
     pub org_id: String,
     pub user_id: String,
     pub role: Role,
@@ -121,6 +128,29 @@ pub struct NewApiKey {
     pub preview_name: String,
     /// The routes (by name) the key may use; `None`: all.
     pub routes: Option<Vec<String>>,
+    /// The key's own quota; `None`: the default.
+    pub limit: Option<LimitSpec>,
+}
+
+/// What a new key may do.
+#[derive(Debug, Clone)]
+pub struct KeyOptions {
+    pub role: Role,
+    /// The routes (by name) the key may use; `None`: all.
+    pub routes: Option<Vec<String>>,
+    /// The key's own quota; `None`: the default.
+    pub limit: Option<LimitSpec>,
+}
+
+impl KeyOptions {
+    /// A key of `role` for every route with the default quota.
+    pub fn role(role: Role) -> Self {
+        KeyOptions {
+            role,
+            routes: None,
+            limit: None,
+        }
+    }
 }
 
 /// An ai_secret as listed: never the value.
@@ -305,6 +335,13 @@ pub trait Store: KeyLookup {
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// One key of an org.
     fn get_api_key(&self, org_id: &str, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Sets (or clears) a key's own quota; `None` when there is no such key.
+    fn set_api_key_limit(
+        &self,
+        org_id: &str,
+        id: &str,
+        limit: Option<LimitSpec>,
+    ) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// Deletes a key (of `org_id` when given); `None` when there was none.
     fn delete_api_key(
         &self,
@@ -397,18 +434,18 @@ pub fn issue_key(
     master: &crate::crypto::MasterKey,
     owner: (&str, &str),
     name: &str,
-    role: Role,
-    routes: Option<Vec<String>>,
+    opts: KeyOptions,
 ) -> Result<(Secret, ApiKeyRecord), StoreError> {
     let key = master.generate_key()?;
     let rec = store.create_api_key(NewApiKey {
         org_id: owner.0.to_owned(),
         user_id: owner.1.to_owned(),
         name: name.to_owned(),
-        role,
+        role: opts.role,
         digest: master.digest(key.expose()),
         preview_name: crate::crypto::key_preview(&key),
-        routes,
+        routes: opts.routes,
+        limit: opts.limit,
     })?;
     Ok((key, rec))
 }

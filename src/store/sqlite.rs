@@ -19,6 +19,7 @@ use super::{
     EnvVarRecord, EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal,
     Revisions, Role, SecretRef, Store, StoreError, Tenant, WriteMode,
 };
+use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
 use crate::secret::Secret;
 
@@ -251,7 +252,8 @@ fn tenant_in(conn: &Connection) -> Result<Tenant, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Rows.
 
-const KEY_COLUMNS: &str = "id, created, name, preview_name, user_id, org_id, role, exposed, routes";
+const KEY_COLUMNS: &str =
+    "id, created, name, preview_name, user_id, org_id, role, exposed, routes, rate_per_second, burst";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let role: String = r.get(6)?;
@@ -266,7 +268,20 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
         role: Role::parse(&role).unwrap_or(Role::Proxy),
         exposed: r.get(7)?,
         routes: routes_from(r.get(8)?),
+        limit: limit_from(r.get(9)?, r.get(10)?),
     })
+}
+
+/// A key's own quota, from its two columns (both NULL: the default).
+fn limit_from(per_second: Option<f64>, burst: Option<i64>) -> Option<LimitSpec> {
+    LimitSpec::new(per_second?, u32::try_from(burst?).ok()?)
+}
+
+/// The key id as the number limiter state is keyed by.
+fn key_uid(id: &str) -> u128 {
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.as_u128())
+        .unwrap_or_default()
 }
 
 /// A key's route list, stored as a JSON array (NULL: all routes).
@@ -425,13 +440,16 @@ impl KeyLookup for SqliteStore {
         let rev = revision(&tx, "keys")?;
         let found = tx
             .query_row(
-                "SELECT id, org_id, user_id, role, digest, routes FROM api_keys WHERE digest = ?1",
+                "SELECT id, org_id, user_id, role, digest, routes, rate_per_second, burst
+                 FROM api_keys WHERE digest = ?1",
                 [digest.as_slice()],
                 |r| {
                     let role: String = r.get(3)?;
                     let stored: Vec<u8> = r.get(4)?;
                     Ok((
                         Principal {
+                            key_uid: key_uid(&r.get::<_, String>(0)?),
+                            limit: limit_from(r.get(6)?, r.get(7)?),
                             key_id: r.get(0)?,
                             org_id: r.get(1)?,
                             user_id: r.get(2)?,
@@ -469,8 +487,9 @@ impl Store for SqliteStore {
         let tx = immediate(&mut conn)?;
         let (id, created) = new_id();
         tx.execute(
-            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
+                                   rate_per_second, burst)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id,
                 created,
@@ -480,7 +499,9 @@ impl Store for SqliteStore {
                 new.org_id,
                 new.role.as_str(),
                 new.digest.as_slice(),
-                new.routes.as_ref().map(|r| serde_json::Value::from(r.clone()).to_string())
+                new.routes.as_ref().map(|r| serde_json::Value::from(r.clone()).to_string()),
+                new.limit.map(|l| l.per_second()),
+                new.limit.map(|l| l.burst)
             ],
         )?;
         let rec = tx.query_row(
@@ -510,6 +531,37 @@ impl Store for SqliteStore {
             [org_id, id],
             key_from_row,
         )
+    }
+
+    fn set_api_key_limit(
+        &self,
+        org_id: &str,
+        id: &str,
+        limit: Option<LimitSpec>,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let n = tx.execute(
+            "UPDATE api_keys SET rate_per_second = ?3, burst = ?4 WHERE org_id = ?1 AND id = ?2",
+            params![
+                org_id,
+                id,
+                limit.map(|l| l.per_second()),
+                limit.map(|l| l.burst)
+            ],
+        )?;
+        let rec = if n == 0 {
+            None
+        } else {
+            one(
+                &tx,
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                [id],
+                key_from_row,
+            )?
+        };
+        tx.commit()?;
+        Ok(rec)
     }
 
     fn delete_api_key(
@@ -972,6 +1024,7 @@ mod tests {
                 digest: [9; 32],
                 preview_name: "sk-****abcd".into(),
                 routes: None,
+                limit: None,
             })
             .unwrap();
         assert!(s.revisions().unwrap().keys > r0.keys);

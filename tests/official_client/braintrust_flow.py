@@ -18,7 +18,28 @@ BASE = os.environ["KEYGATE_ADMIN_URL"]
 KEY = os.environ["KEYGATE_ADMIN_KEY"]
 CA = os.environ["KEYGATE_CA"]
 
-client = Braintrust(api_key=KEY, base_url=BASE, http_client=httpx.Client(verify=CA), max_retries=0)
+# keygate's admin API is rate limited (the test sets 10/s, burst 20): the client's own
+# retry-on-429 (honouring Retry-After) has to carry this script through.
+statuses = []
+
+
+missing_retry_after = []
+
+
+def _record(response):
+    statuses.append(response.status_code)
+    if response.status_code == 429 and not (
+        response.headers.get("retry-after", "").isdigit() and "ratelimit-policy" in response.headers
+    ):
+        missing_retry_after.append(dict(response.headers))
+
+
+client = Braintrust(
+    api_key=KEY,
+    base_url=BASE,
+    http_client=httpx.Client(verify=CA, event_hooks={"response": [_record]}),
+    max_retries=4,
+)
 
 results = []
 
@@ -162,6 +183,13 @@ def _():
         pass
     client.api_keys.delete(proxy_key.id)
     expect_status(404, lambda: client.ai_secrets.retrieve("00000000-0000-4000-8000-000000000000"))
+
+
+@check("the client's retry-on-429 was exercised and every 429 carried Retry-After")
+def _():
+    assert statuses.count(429) > 0, "no 429 seen: the admin rate limit was not reached"
+    assert not missing_retry_after, f"429 without Retry-After / RateLimit-Policy: {missing_retry_after}"
+    print(f"     ({statuses.count(429)} answers were 429 and were retried by the client)")
 
 
 failed = [n for n, e in results if e is not None]

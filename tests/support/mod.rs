@@ -24,7 +24,7 @@ use hyper_util::server::conn::auto;
 use keygate::app::{self, Running};
 use keygate::config::Config;
 use keygate::secret::Secret;
-use keygate::store::{issue_key, AiSecretWrite, Role, Store, WriteMode};
+use keygate::store::{issue_key, AiSecretWrite, KeyOptions, Role, Store, WriteMode};
 use keygate::tls::Ca;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -407,8 +407,14 @@ impl Keygate {
                 put_secret(store.as_ref(), secret, UPSTREAM_SECRET);
             }
             let owner = (t.org_id.as_str(), t.user_id.as_str());
-            let (k, rec) =
-                issue_key(store.as_ref(), &master, owner, "test", Role::Proxy, None).unwrap();
+            let (k, rec) = issue_key(
+                store.as_ref(),
+                &master,
+                owner,
+                "test",
+                KeyOptions::role(Role::Proxy),
+            )
+            .unwrap();
             (k.expose().to_owned(), rec.id)
         };
         let running = app::start(config, None).await.expect("keygate starts");
@@ -615,7 +621,14 @@ pub fn make_key(kg: &Keygate, role: Role) -> (String, String) {
     let (master, store) = kg.store();
     let t = store.tenant().unwrap();
     let owner = (t.org_id.as_str(), t.user_id.as_str());
-    let (k, rec) = issue_key(store.as_ref(), &master, owner, "made", role, None).unwrap();
+    let (k, rec) = issue_key(
+        store.as_ref(),
+        &master,
+        owner,
+        "made",
+        KeyOptions::role(role),
+    )
+    .unwrap();
     (k.expose().to_owned(), rec.id)
 }
 
