@@ -88,6 +88,16 @@ pub fn client_trusting(
     ca_file: &Path,
     h2: bool,
 ) -> Client<HttpsConnector<HttpConnector>, TestBody> {
+    client_from(ca_file, h2, None)
+}
+
+/// Like [`client_trusting`], connecting from `local` (another loopback address, to be another
+/// client IP).
+pub fn client_from(
+    ca_file: &Path,
+    h2: bool,
+    local: Option<std::net::IpAddr>,
+) -> Client<HttpsConnector<HttpConnector>, TestBody> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca_file).expect("read CA");
     for cert in rustls_pemfile_certs(&pem) {
@@ -98,13 +108,16 @@ pub fn client_trusting(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_local_address(local);
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
     let https = if h2 {
-        b.enable_http2().build()
+        b.enable_http2().wrap_connector(http)
     } else {
-        b.enable_http1().build()
+        b.enable_http1().wrap_connector(http)
     };
     let mut builder = Client::builder(TokioExecutor::new());
     builder.http2_only(h2);
