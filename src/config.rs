@@ -126,6 +126,7 @@ struct RawServer {
     max_headers: Option<usize>,
     max_connections: Option<usize>,
     drain_timeout: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +271,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Runtime worker threads (default: one per core).
+    pub worker_threads: Option<usize>,
 }
 
 /// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
@@ -608,6 +611,12 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             raw.server.drain_timeout,
             Duration::from_secs(30),
         )?,
+        worker_threads: match raw.server.worker_threads {
+            Some(n) if !(1..=256).contains(&n) => {
+                return Err(c.err("server.worker_threads", "must be between 1 and 256"))
+            }
+            n => n,
+        },
     };
     let limits = LimitsConfig {
         default: c.limit("limits.default", raw.limits.default, (10.0, 20))?,

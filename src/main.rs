@@ -14,7 +14,7 @@ use keygate::app;
 use keygate::config::Config;
 use keygate::secret::Secret;
 use keygate::store::{
-    issue_key, AiSecretWrite, KeyOptions, ListQuery, Role, SecretRef, Store, WriteMode,
+    issue_keys, AiSecretWrite, KeyOptions, ListQuery, Role, SecretRef, Store, WriteMode,
 };
 
 #[derive(Parser)]
@@ -95,6 +95,9 @@ enum KeysCommand {
         /// The key's own burst; needs --rate.
         #[arg(long, requires = "rate")]
         burst: Option<u32>,
+        /// Create this many keys (one per line on stdout), in one transaction.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
     },
     /// List keys (never the keys themselves).
     List,
@@ -181,7 +184,11 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn serve(config: Config) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.server.worker_threads {
+        builder.worker_threads(n);
+    }
+    let rt = builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
@@ -243,6 +250,7 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             routes,
             rate,
             burst,
+            count,
         } => {
             let limit = match (rate, burst) {
                 (Some(r), Some(b)) => Some(keygate::config::LimitSpec::new(r, b).ok_or(
@@ -265,26 +273,32 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
                 RoleArg::Proxy => Role::Proxy,
             };
             let t = store.tenant().map_err(|e| e.to_string())?;
-            let (key, rec) = issue_key(
-                store.as_ref(),
-                &master,
-                (&t.org_id, &t.user_id),
-                name,
-                KeyOptions {
-                    role,
-                    routes,
-                    limit,
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            eprintln!(
-                "created key {} ({}, role {}); it is shown once, below:",
-                rec.id,
-                rec.name,
-                rec.role.as_str()
-            );
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", key.expose()).map_err(|e| e.to_string())?;
+            let opts = KeyOptions {
+                role,
+                routes,
+                limit,
+            };
+            let owner = (t.org_id.as_str(), t.user_id.as_str());
+            let made = issue_keys(store.as_ref(), &master, owner, name, opts, count as usize)
+                .map_err(|e| e.to_string())?;
+            if let [(_, rec)] = made.as_slice() {
+                eprintln!(
+                    "created key {} ({}, role {}); it is shown once, below:",
+                    rec.id,
+                    rec.name,
+                    rec.role.as_str()
+                );
+            } else {
+                eprintln!(
+                    "created {} keys named {name}; they are shown once, below:",
+                    made.len()
+                );
+            }
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (key, _) in &made {
+                writeln!(out, "{}", key.expose()).map_err(|e| e.to_string())?;
+            }
+            out.flush().map_err(|e| e.to_string())?;
             Ok(())
         }
         KeysCommand::List => {

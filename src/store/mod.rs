@@ -330,7 +330,13 @@ pub trait Store: KeyLookup {
     fn org_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError>;
 
     /// Inserts a key.
-    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError>;
+    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
+        let mut recs = self.create_api_keys(vec![new])?;
+        recs.pop()
+            .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
+    }
+    /// Inserts keys, all in one transaction.
+    fn create_api_keys(&self, new: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// A page of keys, newest first.
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// One key of an org.
@@ -448,6 +454,35 @@ pub fn issue_key(
         limit: opts.limit,
     })?;
     Ok((key, rec))
+}
+
+/// Like [`issue_key`] for `count` keys with the same name and options, in one transaction.
+pub fn issue_keys(
+    store: &dyn Store,
+    master: &crate::crypto::MasterKey,
+    owner: (&str, &str),
+    name: &str,
+    opts: KeyOptions,
+    count: usize,
+) -> Result<Vec<(Secret, ApiKeyRecord)>, StoreError> {
+    let mut keys = Vec::with_capacity(count);
+    let mut new = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = master.generate_key()?;
+        new.push(NewApiKey {
+            org_id: owner.0.to_owned(),
+            user_id: owner.1.to_owned(),
+            name: name.to_owned(),
+            role: opts.role,
+            digest: master.digest(key.expose()),
+            preview_name: crate::crypto::key_preview(&key),
+            routes: opts.routes.clone(),
+            limit: opts.limit,
+        });
+        keys.push(key);
+    }
+    let recs = store.create_api_keys(new)?;
+    Ok(keys.into_iter().zip(recs).collect())
 }
 
 /// Deep-merges `patch` into `base`: objects merge key by key, anything else replaces.

@@ -482,35 +482,40 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
-    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
+    fn create_api_keys(&self, keys: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
-        let (id, created) = new_id();
-        tx.execute(
-            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
-                                   rate_per_second, burst)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                id,
-                created,
-                new.name,
-                new.preview_name,
-                new.user_id,
-                new.org_id,
-                new.role.as_str(),
-                new.digest.as_slice(),
-                new.routes.as_ref().map(|r| serde_json::Value::from(r.clone()).to_string()),
-                new.limit.map(|l| l.per_second()),
-                new.limit.map(|l| l.burst)
-            ],
-        )?;
-        let rec = tx.query_row(
-            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-            [&id],
-            key_from_row,
-        )?;
+        let mut out = Vec::with_capacity(keys.len());
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
+                                       rate_per_second, burst)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            let mut select =
+                tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))?;
+            for new in keys {
+                let (id, created) = new_id();
+                insert.execute(params![
+                    id,
+                    created,
+                    new.name,
+                    new.preview_name,
+                    new.user_id,
+                    new.org_id,
+                    new.role.as_str(),
+                    new.digest.as_slice(),
+                    new.routes
+                        .as_ref()
+                        .map(|r| serde_json::Value::from(r.clone()).to_string()),
+                    new.limit.map(|l| l.per_second()),
+                    new.limit.map(|l| l.burst)
+                ])?;
+                out.push(select.query_row([&id], key_from_row)?);
+            }
+        }
         tx.commit()?;
-        Ok(rec)
+        Ok(out)
     }
 
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError> {
