@@ -89,7 +89,7 @@ impl AppState {
             .fetch_add(1, Ordering::Relaxed);
         let revoke = self.config.keys.on_cleartext == OnCleartext::Revoke;
         let store = self.store.clone();
-        let id = principal.key_id.clone();
+        let id = principal.key_id();
         let result = tokio::task::spawn_blocking(move || {
             store.flag_exposed(&id)?;
             if revoke {
@@ -101,11 +101,11 @@ impl AppState {
         match result {
             Ok(Ok(rev)) => {
                 self.keys.note_revision(rev.keys);
-                tracing::warn!(key_id = %principal.key_id, revoked = revoke,
+                tracing::warn!(key_id = %principal.key_id(), revoked = revoke,
                     "a valid key was sent over cleartext HTTP; flagged as exposed");
             }
             Ok(Err(e)) => {
-                tracing::error!(key_id = %principal.key_id, error = %e, "could not flag an exposed key")
+                tracing::error!(key_id = %principal.key_id(), error = %e, "could not flag an exposed key")
             }
             Err(e) => tracing::error!(error = %e, "flagging task failed"),
         }

@@ -4,48 +4,51 @@
 //! ```text
 //!  key ──shape ok?──no──▶ unknown (no lookup, nothing cached)
 //!        │yes
-//!   HMAC digest ──▶ moka entry (principal or "unknown", revision it was read at)
-//!        │              │ hit, revision current ──▶ answer
-//!        │              │ miss or stale revision ──▶ one store read per digest (concurrent
-//!        │              ▼                            misses wait for the same read)
+//!   HMAC digest ──▶ slot (key id, shared profile or "unknown", revision read at, expiry)
+//!        │              │ hit, revision current, not expired ──▶ answer
+//!        │              │ miss or stale ──▶ one store read per digest (concurrent misses wait
+//!        │              ▼                  on the same once-cell)
 //!        │         positive TTL (known) / negative TTL (unknown)
 //!  poller ──every poll_interval──▶ store.revisions() ──▶ `current` revision, `last_sync`
+//!  timer ──every 10 s──▶ evict_expired(); inserts beyond capacity evict too
 //! ```
 //!
 //! An entry read at an older keys revision than the poller last saw is never served: so a key
 //! deleted by any process is refused within one poll interval, and one deleted through this
 //! process (admin API) at once, by [`KeyCache::note_revision`]. When the store has not been
 //! read successfully for longer than the staleness bound, lookups fail closed.
+//!
+//! Memory: a slot is ~60 bytes in a DashMap keyed by the first 128 bits of the HMAC digest; the
+//! profile (org, user, role, routes, quota) is interned, so the thousands of keys that share one
+//! cost nothing more. (moka cost ~700 bytes per key here: its per-entry bookkeeping is built for
+//! admission policies this cache does not need.)
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::crypto::{is_well_formed_key, KeyDigest, MasterKey};
-use crate::store::{KeyLookup, Principal, StoreError};
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use crate::crypto::{is_well_formed_key, MasterKey};
+use crate::store::{KeyLookup, Principal, Profile, StoreError};
 
 #[derive(Clone)]
-struct Entry {
-    principal: Option<Arc<Principal>>,
+struct Slot {
+    key_uid: u128,
+    /// `None`: the key is unknown (negative entry).
+    profile: Option<Arc<Profile>>,
     revision: u64,
+    /// Milliseconds since the cache started.
+    expires_ms: u64,
 }
 
-struct Ttl {
-    positive: Duration,
-    negative: Duration,
-}
-
-impl moka::Expiry<KeyDigest, Entry> for Ttl {
-    fn expire_after_create(
-        &self,
-        _k: &KeyDigest,
-        v: &Entry,
-        _at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(if v.principal.is_some() {
-            self.positive
-        } else {
-            self.negative
+impl Slot {
+    fn principal(&self) -> Option<Principal> {
+        self.profile.as_ref().map(|p| Principal {
+            key_uid: self.key_uid,
+            profile: p.clone(),
         })
     }
 }
@@ -61,13 +64,18 @@ pub enum LookupError {
 
 /// The key cache. Cheap to share behind an `Arc`.
 pub struct KeyCache {
-    cache: moka::future::Cache<KeyDigest, Entry>,
+    slots: DashMap<u128, Slot>,
+    inflight: DashMap<u128, Arc<OnceCell<Slot>>>,
+    profiles: Mutex<HashSet<Arc<Profile>>>,
     store: Arc<dyn KeyLookup>,
     master: Arc<MasterKey>,
     current: AtomicU64,
     started: Instant,
     last_sync_ms: AtomicU64,
     staleness_bound_ms: u64,
+    ttl_ms: u64,
+    negative_ttl_ms: u64,
+    capacity: usize,
 }
 
 /// Settings of the key cache.
@@ -86,84 +94,152 @@ impl KeyCache {
         s: KeyCacheSettings,
         initial_revision: u64,
     ) -> Self {
-        let cache = moka::future::Cache::builder()
-            .max_capacity(s.capacity)
-            .expire_after(Ttl {
-                positive: s.ttl,
-                negative: s.negative_ttl,
-            })
-            .build();
         KeyCache {
-            cache,
+            slots: DashMap::new(),
+            inflight: DashMap::new(),
+            profiles: Mutex::new(HashSet::new()),
             store,
             master,
             current: AtomicU64::new(initial_revision),
             started: Instant::now(),
             last_sync_ms: AtomicU64::new(0),
             staleness_bound_ms: s.staleness_bound.as_millis() as u64,
+            ttl_ms: s.ttl.as_millis() as u64,
+            negative_ttl_ms: s.negative_ttl.as_millis() as u64,
+            capacity: s.capacity.clamp(1, usize::MAX as u64) as usize,
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// The principal of `key`, or `None` for any key that is not valid now.
-    pub async fn authenticate(&self, key: &str) -> Result<Option<Arc<Principal>>, LookupError> {
-        if self.staleness() > Duration::from_millis(self.staleness_bound_ms) {
+    pub async fn authenticate(&self, key: &str) -> Result<Option<Principal>, LookupError> {
+        let now = self.now_ms();
+        if now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) > self.staleness_bound_ms {
             return Err(LookupError::Stale);
         }
         if !is_well_formed_key(key) {
             return Ok(None);
         }
         let digest = self.master.digest(key);
-        let current = self.current.load(Ordering::Acquire);
-        if let Some(e) = self.cache.get(&digest).await {
-            if e.revision >= current {
-                return Ok(e.principal);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        let id = u128::from_be_bytes(id);
+        if let Some(slot) = self.slots.get(&id) {
+            if slot.revision >= self.current.load(Ordering::Acquire) && slot.expires_ms > now {
+                return Ok(slot.principal());
             }
-            self.cache.invalidate(&digest).await;
         }
+        // A miss: one store read per digest, however many requests wait for it. A read that
+        // began before the revision moved is not trusted: read again.
+        for _ in 0..3 {
+            let cell = self
+                .inflight
+                .entry(id)
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone();
+            let slot = cell
+                .get_or_try_init(|| self.load(digest))
+                .await
+                .map_err(Arc::new)?
+                .clone();
+            self.inflight.remove_if(&id, |_, c| Arc::ptr_eq(c, &cell));
+            if slot.revision >= self.current.load(Ordering::Acquire) {
+                self.insert(id, slot.clone());
+                return Ok(slot.principal());
+            }
+        }
+        Err(LookupError::Stale)
+    }
+
+    async fn load(&self, digest: crate::crypto::KeyDigest) -> Result<Slot, StoreError> {
         let store = self.store.clone();
-        let entry = self
-            .cache
-            .try_get_with(digest, async move {
-                let (principal, revision) =
-                    tokio::task::spawn_blocking(move || store.principal_by_digest(&digest))
-                        .await
-                        .map_err(|e| StoreError::Corrupt(format!("lookup task failed: {e}")))??;
-                Ok::<_, StoreError>(Entry {
-                    principal: principal.map(Arc::new),
-                    revision,
-                })
-            })
-            .await?;
-        Ok(entry.principal)
+        let (principal, revision) =
+            tokio::task::spawn_blocking(move || store.principal_by_digest(&digest))
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("lookup task failed: {e}")))??;
+        let now = self.now_ms();
+        Ok(match principal {
+            Some(p) => Slot {
+                key_uid: p.key_uid,
+                profile: Some(self.intern(p.profile)),
+                revision,
+                expires_ms: now + self.ttl_ms,
+            },
+            None => Slot {
+                key_uid: 0,
+                profile: None,
+                revision,
+                expires_ms: now + self.negative_ttl_ms,
+            },
+        })
+    }
+
+    fn intern(&self, profile: Arc<Profile>) -> Arc<Profile> {
+        let mut set = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = set.get(&*profile) {
+            return existing.clone();
+        }
+        set.insert(profile.clone());
+        profile
+    }
+
+    fn insert(&self, id: u128, slot: Slot) {
+        self.slots.insert(id, slot);
+        if self.slots.len() > self.capacity {
+            self.evict_expired();
+            if self.slots.len() > self.capacity {
+                // Still full of live entries: drop every eighth one (arbitrary, cheap) so that
+                // the next inserts do not sweep again at once.
+                let mut n = 0u32;
+                self.slots.retain(|_, _| {
+                    n = n.wrapping_add(1);
+                    n % 8 != 0
+                });
+            }
+        }
+    }
+
+    /// Drops expired entries and profiles no entry uses any more.
+    pub fn evict_expired(&self) {
+        let now = self.now_ms();
+        self.slots.retain(|_, s| s.expires_ms > now);
+        self.slots.shrink_to_fit();
+        let mut set = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
+        set.retain(|p| Arc::strong_count(p) > 1);
     }
 
     /// Records the keys revision the store is at now, and that it was readable.
     pub fn note_revision(&self, revision: u64) {
         self.current.fetch_max(revision, Ordering::AcqRel);
-        self.last_sync_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+        self.last_sync_ms.store(self.now_ms(), Ordering::Release);
     }
 
     /// How long since the store was last read successfully.
     pub fn staleness(&self) -> Duration {
-        let now = self.started.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)))
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_sync_ms.load(Ordering::Acquire)),
+        )
     }
 
-    /// Entries currently cached (approximate).
-    pub fn len(&self) -> u64 {
-        self.cache.entry_count()
+    /// Entries currently cached.
+    pub fn len(&self) -> usize {
+        self.slots.len()
     }
 
-    /// Whether the cache holds no entry (approximate).
+    /// Whether the cache holds no entry.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.slots.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::KeyDigest;
     use crate::store::Role;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
@@ -186,13 +262,14 @@ mod tests {
                 return Err(StoreError::Corrupt("down".into()));
             }
             let found = (*self.known.lock().unwrap() == Some(*digest)).then(|| Principal {
-                key_id: "k1".into(),
                 key_uid: 1,
-                limit: None,
-                org_id: "o".into(),
-                user_id: "u".into(),
-                role: Role::Proxy,
-                routes: None,
+                profile: Arc::new(crate::store::Profile {
+                    org_id: "o".into(),
+                    user_id: "u".into(),
+                    role: Role::Proxy,
+                    routes: None,
+                    limit: None,
+                }),
             });
             Ok((found, self.revision.load(Ordering::SeqCst)))
         }
@@ -226,10 +303,7 @@ mod tests {
     async fn a_known_key_is_read_from_the_store_once() {
         let (store, cache, key) = setup(Duration::from_secs(10));
         for _ in 0..100 {
-            assert_eq!(
-                cache.authenticate(&key).await.unwrap().unwrap().key_id,
-                "k1"
-            );
+            assert_eq!(cache.authenticate(&key).await.unwrap().unwrap().key_uid, 1);
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }

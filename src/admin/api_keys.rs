@@ -103,7 +103,7 @@ pub async fn handle(
             let (parts, body) = req.into_parts();
             let b: PatchBody = super::request::required_body(&parts.headers, body).await?;
             let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
-            let by = ctx.principal.key_id.clone();
+            let by = ctx.principal.key_id();
             let patch = move |s: &AppState, org: &str, id: &str| {
                 let rec = s.store.set_api_key_limit(org, id, limit)?;
                 s.keys_changed()?;
@@ -115,7 +115,7 @@ pub async fn handle(
             ctx.by_id("api_key", id, patch, to_json).await
         }
         (Method::DELETE, Some(id)) => {
-            let by = ctx.principal.key_id.clone();
+            let by = ctx.principal.key_id();
             let delete = move |s: &AppState, org: &str, id: &str| {
                 let rec = s.store.delete_api_key(Some(org), id)?;
                 s.keys_changed()?;
@@ -174,7 +174,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
     }
     let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
     let org = ctx.org(b.org_name.as_deref()).await?;
-    let user = ctx.principal.user_id.clone();
+    let user = ctx.principal.user_id().to_owned();
     let opts = KeyOptions {
         role,
         routes: b.routes,
@@ -188,7 +188,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
             Ok(out)
         })
         .await?;
-    tracing::info!(key_id = %rec.id, role = rec.role.as_str(), by = %ctx.principal.key_id, "key created through the admin API");
+    tracing::info!(key_id = %rec.id, role = rec.role.as_str(), by = %ctx.principal.key_id(), "key created through the admin API");
     let mut v = to_json(&rec);
     v["key"] = Value::String(key.expose().to_owned());
     Ok(ok(v))

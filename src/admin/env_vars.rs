@@ -132,7 +132,7 @@ async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, Admi
             "object_id",
         ],
     )?;
-    let q = p.list_query(&ctx.principal.org_id, "env_var_name")?;
+    let q = p.list_query(ctx.principal.org_id(), "env_var_name")?;
     let f = EnvVarFilter {
         object_type: p.one("object_type")?.map(object_type).transpose()?,
         object_id: p.one("object_id")?.map(str::to_owned),
@@ -154,7 +154,7 @@ async fn write(
     check_name("object_id", &b.object_id)?;
     check_env_name(&b.name)?;
     check_value(&b.value)?;
-    let org = ctx.principal.org_id.clone();
+    let org = ctx.principal.org_id().to_owned();
     let w = EnvVarWrite {
         object_type: ot,
         object_id: b.object_id,

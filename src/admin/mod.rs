@@ -51,7 +51,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) 
 /// What a handler gets: the shared state and the authenticated admin.
 pub struct Ctx {
     pub state: Arc<AppState>,
-    pub principal: Arc<Principal>,
+    pub principal: Principal,
 }
 
 impl Ctx {
@@ -76,7 +76,7 @@ impl Ctx {
         f: impl FnOnce(&AppState, &str, &str) -> Result<Option<T>, StoreError> + Send + 'static,
         to_json: fn(&T) -> serde_json::Value,
     ) -> Result<Response<Body>, AdminError> {
-        let org = self.principal.org_id.clone();
+        let org = self.principal.org_id().to_owned();
         match self.store(move |s| f(s, &org, &id)).await? {
             Some(obj) => Ok(ok(to_json(&obj))),
             None => Err(AdminError::NotFound(format!("{what} not found"))),
@@ -86,12 +86,12 @@ impl Ctx {
     /// The org an `org_name` names, which must be the caller's; the caller's when absent.
     pub async fn org(&self, org_name: Option<&str>) -> Result<String, AdminError> {
         let Some(name) = org_name else {
-            return Ok(self.principal.org_id.clone());
+            return Ok(self.principal.org_id().to_owned());
         };
         let owned = name.to_owned();
         let found = self.store(move |s| s.store.org_id_by_name(&owned)).await?;
         match found {
-            Some(id) if id == self.principal.org_id => Ok(id),
+            Some(id) if id == self.principal.org_id() => Ok(id),
             _ => Err(AdminError::BadRequest(format!("unknown org_name {name:?}"))),
         }
     }
@@ -169,7 +169,7 @@ async fn authenticate(
     state: &AppState,
     headers: &http::HeaderMap,
     peer: IpAddr,
-) -> Result<(Arc<Principal>, HeaderValue), AdminError> {
+) -> Result<(Principal, HeaderValue), AdminError> {
     if let Some(l) = state.limits.ip_blocked(peer) {
         return Err(AdminError::RateLimited(l));
     }
@@ -191,7 +191,7 @@ async fn authenticate(
             return Err(AdminError::StoreUnavailable);
         }
     };
-    if principal.role != Role::Admin {
+    if principal.role() != Role::Admin {
         return Err(AdminError::Forbidden);
     }
     let ratelimit = state

@@ -5,8 +5,6 @@
 //! passthrough route the upstream must accept it. Every refusal of the key itself is the same
 //! `Unauthorized`, so a client cannot tell a malformed key from a revoked one.
 
-use std::sync::Arc;
-
 use http::header::{HeaderMap, AUTHORIZATION};
 use std::net::IpAddr;
 
@@ -50,7 +48,7 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 /// What the authenticate stage grants.
 pub enum Grant {
     /// A keygate key.
-    Key(Arc<Principal>),
+    Key(Principal),
     /// A passthrough key, validated upstream: the `Authorization` value to forward, and the
     /// number its rate limiter state is keyed by (from its keyed digest).
     Passthrough { bearer: HeaderValue, uid: u128 },

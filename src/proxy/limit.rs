@@ -275,7 +275,7 @@ pub fn limit(
 ) -> Result<HeaderValue, crate::error::ProxyError> {
     use super::authenticate::Grant;
     let (uid, own) = match grant {
-        Grant::Key(p) => (p.key_uid, p.limit),
+        Grant::Key(p) => (p.key_uid, p.limit()),
         Grant::Passthrough { uid, .. } => (*uid, None),
     };
     limits

@@ -49,7 +49,7 @@ pub enum StoreError {
 }
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// May call the admin API (and the proxy).
     Admin,
@@ -94,25 +94,57 @@ pub struct ApiKeyRecord {
     pub limit: Option<LimitSpec>,
 }
 
-/// Who a valid key belongs to: what the proxy needs to know on the hot path.
+/// Who a valid key belongs to: what the proxy needs to know on the hot path. Small and cheap
+/// to clone: the key id as a number, and a profile most keys share (the key cache interns it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    pub key_id: String,
     /// The key id as a number: what rate limiter state is keyed by.
     pub key_uid: u128,
-    /// The key's own quota; `None`: the default.
-    pub limit: Option<LimitSpec>,
+    pub profile: std::sync::Arc<Profile>,
+}
+
+/// What a key may do and for whom: shared by every key with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Profile {
     pub org_id: String,
     pub user_id: String,
     pub role: Role,
-    /// The routes (by name) this key may use; `None`: all of them.
+    /// The routes (by name) the key may use; `None`: all of them.
     pub routes: Option<Vec<String>>,
+    /// The key's own quota; `None`: the default.
+    pub limit: Option<LimitSpec>,
 }
 
 impl Principal {
+    /// The key id, as the API shows it.
+    pub fn key_id(&self) -> String {
+        uuid::Uuid::from_u128(self.key_uid).to_string()
+    }
+
+    /// The key's org.
+    pub fn org_id(&self) -> &str {
+        &self.profile.org_id
+    }
+
+    /// The key's user.
+    pub fn user_id(&self) -> &str {
+        &self.profile.user_id
+    }
+
+    /// The key's role.
+    pub fn role(&self) -> Role {
+        self.profile.role
+    }
+
+    /// The key's own quota, if it has one.
+    pub fn limit(&self) -> Option<LimitSpec> {
+        self.profile.limit
+    }
+
     /// Whether this key may use the route named `route`.
     pub fn may_use(&self, route: &str) -> bool {
-        self.routes
+        self.profile
+            .routes
             .as_ref()
             .is_none_or(|r| r.iter().any(|n| n == route))
     }

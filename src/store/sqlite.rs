@@ -17,7 +17,7 @@ use serde_json::Map;
 use super::{
     merge_metadata, AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter,
     EnvVarRecord, EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal,
-    Revisions, Role, SecretRef, Store, StoreError, Tenant, WriteMode,
+    Profile, Revisions, Role, SecretRef, Store, StoreError, Tenant, WriteMode,
 };
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
@@ -449,12 +449,13 @@ impl KeyLookup for SqliteStore {
                     Ok((
                         Principal {
                             key_uid: key_uid(&r.get::<_, String>(0)?),
-                            limit: limit_from(r.get(6)?, r.get(7)?),
-                            key_id: r.get(0)?,
-                            org_id: r.get(1)?,
-                            user_id: r.get(2)?,
-                            role: Role::parse(&role).unwrap_or(Role::Proxy),
-                            routes: routes_from(r.get(5)?),
+                            profile: std::sync::Arc::new(Profile {
+                                org_id: r.get(1)?,
+                                user_id: r.get(2)?,
+                                role: Role::parse(&role).unwrap_or(Role::Proxy),
+                                routes: routes_from(r.get(5)?),
+                                limit: limit_from(r.get(6)?, r.get(7)?),
+                            }),
                         },
                         stored,
                     ))
@@ -1034,7 +1035,7 @@ mod tests {
             .unwrap();
         assert!(s.revisions().unwrap().keys > r0.keys);
         let (p, _) = s.principal_by_digest(&[9; 32]).unwrap();
-        assert_eq!(p.unwrap().key_id, rec.id);
+        assert_eq!(p.unwrap().key_id(), rec.id);
         assert!(s.principal_by_digest(&[8; 32]).unwrap().0.is_none());
         assert_eq!(
             s.list_api_keys(&ListQuery::all(&t.org_id, 10))
