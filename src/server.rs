@@ -135,6 +135,10 @@ impl Conn {
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(100)
                 .max_pending_accept_reset_streams(20)
+                // Per-stream buffers: 64 KiB send buffer, 256 KiB receive window (hyper: 400 KiB
+                // and 1 MiB), so memory stays bounded per stream under many slow streams.
+                .max_send_buf_size(64 * 1024)
+                .initial_stream_window_size(256 * 1024)
                 .max_header_list_size(32 * 1024)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
@@ -150,6 +154,9 @@ impl Conn {
                 .timer(TokioTimer::new())
                 .header_read_timeout(server.header_read_timeout)
                 .max_headers(server.max_headers)
+                // The read buffer grows with a fast sender up to this (hyper: ~400 KiB), per
+                // connection; 64 KiB is plenty for throughput and caps a request head too.
+                .max_buf_size(64 * 1024)
                 .keep_alive(true)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
