@@ -18,7 +18,7 @@
 //! process (admin API) at once, by [`KeyCache::note_revision`]. When the store has not been
 //! read successfully for longer than the staleness bound, lookups fail closed.
 //!
-//! Memory: a slot is ~60 bytes in a DashMap keyed by a 128-bit keyed hash of the key; the
+//! Memory: a slot is 32 bytes (+16 for its key) in a DashMap keyed by a 128-bit keyed hash of the key; the
 //! profile (org, user, role, routes, quota) is interned, so the thousands of keys that share one
 //! cost nothing more. (moka cost ~700 bytes per key here: its per-entry bookkeeping is built for
 //! admission policies this cache does not need.)
@@ -40,9 +40,11 @@ struct Slot {
     key_uid: u128,
     /// `None`: the key is unknown (negative entry).
     profile: Option<Arc<Profile>>,
-    revision: u64,
-    /// Milliseconds since the cache started.
-    expires_ms: u64,
+    /// The keys revision it was read at. u32 and whole seconds keep the slot at 32 bytes; past
+    /// 2^32 key writes every slot reads as stale, which costs lookups, never correctness.
+    revision: u32,
+    /// Whole seconds since the cache started, rounded up.
+    expires_s: u32,
 }
 
 impl Slot {
@@ -137,7 +139,9 @@ impl KeyCache {
         }
         let id = self.slot_id(key);
         if let Some(slot) = self.slots.get(&id) {
-            if slot.revision >= self.current.load(Ordering::Acquire) && slot.expires_ms > now {
+            if u64::from(slot.revision) >= self.current.load(Ordering::Acquire)
+                && u64::from(slot.expires_s) * 1000 > now
+            {
                 return Ok(slot.principal());
             }
         }
@@ -155,7 +159,7 @@ impl KeyCache {
                 .map_err(Arc::new)?
                 .clone();
             self.inflight.remove_if(&id, |_, c| Arc::ptr_eq(c, &cell));
-            if slot.revision >= self.current.load(Ordering::Acquire) {
+            if u64::from(slot.revision) >= self.current.load(Ordering::Acquire) {
                 self.insert(id, slot.clone());
                 return Ok(slot.principal());
             }
@@ -170,18 +174,21 @@ impl KeyCache {
                 .await
                 .map_err(|e| StoreError::Corrupt(format!("lookup task failed: {e}")))??;
         let now = self.now_ms();
+        let revision = u32::try_from(revision).unwrap_or(u32::MAX);
+        let expires =
+            |ttl_ms: u64| u32::try_from((now + ttl_ms).div_ceil(1000)).unwrap_or(u32::MAX);
         Ok(match principal {
             Some(p) => Slot {
                 key_uid: p.key_uid,
                 profile: Some(self.intern(p.profile)),
                 revision,
-                expires_ms: now + self.ttl_ms,
+                expires_s: expires(self.ttl_ms),
             },
             None => Slot {
                 key_uid: 0,
                 profile: None,
                 revision,
-                expires_ms: now + self.negative_ttl_ms,
+                expires_s: expires(self.negative_ttl_ms),
             },
         })
     }
@@ -214,7 +221,8 @@ impl KeyCache {
     /// Drops expired entries and profiles no entry uses any more.
     pub fn evict_expired(&self) {
         let now = self.now_ms();
-        self.slots.retain(|_, s| s.expires_ms > now);
+        self.slots
+            .retain(|_, s| u64::from(s.expires_s) * 1000 > now);
         self.slots.shrink_to_fit();
         let mut set = self.profiles.lock().unwrap_or_else(|p| p.into_inner());
         set.retain(|p| Arc::strong_count(p) > 1);
