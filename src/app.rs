@@ -287,7 +287,7 @@ pub async fn start(
         ));
     }
     tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx.clone()));
-    tasks.spawn(evict_idle_limiter_state(state.clone(), shutdown_rx));
+    tasks.spawn(evict_idle_state(state.clone(), shutdown_rx));
 
     Ok(Running {
         proxy_addr,
@@ -309,14 +309,17 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
         .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}")).into()))
 }
 
-/// Drops limiter state of keys and IPs idle long enough to be back at a full bucket, so that
-/// limiter memory follows recent activity.
-async fn evict_idle_limiter_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+/// Drops limiter state of keys and IPs idle long enough to be back at a full bucket, and
+/// expired key-cache entries, so that memory follows recent activity.
+async fn evict_idle_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => state.limits.evict_idle(),
+            _ = tick.tick() => {
+                state.limits.evict_idle();
+                state.keys.evict_expired();
+            }
             _ = crate::server::signalled(&mut shutdown) => return,
         }
     }
