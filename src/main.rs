@@ -370,11 +370,12 @@ fn run_command(
     let names: Vec<&str> = env.iter().map(|(rec, _)| rec.name.as_str()).collect();
     tracing::info!(vars = ?names, "starting the command with env vars");
     let code = rt.block_on(async {
+        let signals = keygate::run::SignalForwarder::install()?;
         let child = keygate::run::spawn(command, &env)?;
         if let Err(e) = store.mark_env_vars_used(&org_id, &ids) {
             eprintln!("keygate: could not stamp env var use: {e}");
         }
-        keygate::run::supervise(child).await
+        signals.supervise(child).await
     })?;
     drop(env);
     std::process::exit(code);
