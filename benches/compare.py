@@ -630,7 +630,8 @@ class Bench:
             upstream = ""
         else:
             tls = f'cert = "{self.certs}/server.pem"\nkey = "{self.certs}/server-key.pem"'
-            upstream = f'[upstream]\nca_file = "{self.ca}"\n'
+            h2 = "true" if self.args.keygate_upstream == "h2" else "false"
+            upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
         path.write_text(f"""# written by benches/compare.py
 [listen]
 proxy = "127.0.0.1:{proxy}"
@@ -1316,6 +1317,7 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
              f"{'quick' if meta['quick'] else 'full'} mode, {meta['rounds']} "
              f"round{'s' if meta['rounds'] != 1 else ''}, "
              f"{'pinned: proxy on core 0, fixture + load generator on core 1' if meta['pinned'] else 'unpinned'}, "
+             f"keygate upstream {meta.get('keygate_upstream', 'h2')}, "
              f"{meta['seconds']:.0f} s.")
     L.append("")
     L.append("Each cell: median over the rounds (min–max). Ratios are keygate ÷ peer, taken round "
@@ -1522,6 +1524,9 @@ def main() -> int:
                     help="W2-slow and W6 on the long-running processes (default: restarted, since "
                          "memory kept by the allocator from earlier workloads hides growth)")
     ap.add_argument("--unpinned", action="store_true", help="no taskset (bench.md: also report an unpinned run)")
+    ap.add_argument("--keygate-upstream", choices=["h2", "h1"], default="h2",
+                    help="keygate's protocol to the fixture: h2 by ALPN (the default config) or "
+                         "HTTP/1.1 only ([upstream] http2 = false, as nginx and HAProxy are run)")
     ap.add_argument("--report-only", action="store_true",
                     help="only render latest.md and latest.svg again from latest.json")
     args = ap.parse_args()
@@ -1626,7 +1631,7 @@ def main() -> int:
         "dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": nproc, "quick": args.quick, "rounds": args.rounds, "pinned": pin,
-        "no_restart": args.no_restart,
+        "no_restart": args.no_restart, "keygate_upstream": args.keygate_upstream,
         "seconds": elapsed, "seconds_with_build": time.monotonic() - t_start,
         "tools": {k: bool(v) for k, v in tools.items()},
     }
@@ -1640,6 +1645,7 @@ def main() -> int:
 
 
 META_KEYS = ("commit", "dirty", "date", "nproc", "quick", "rounds", "pinned", "no_restart",
+             "keygate_upstream",
              "seconds", "seconds_with_build", "tools", "tiers")
 
 

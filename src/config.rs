@@ -106,6 +106,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     response_header_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
+    http2: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +241,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Offer h2 by ALPN to upstreams (else http/1.1 only).
+    pub http2: bool,
 }
 
 /// What to do with a valid key that was seen in a cleartext request.
@@ -543,6 +546,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             raw.upstream.pool_idle_timeout,
             Duration::from_secs(60),
         )?,
+        http2: raw.upstream.http2.unwrap_or(true),
     };
     let keys = KeysConfig {
         cache_ttl: c.duration(

@@ -342,6 +342,31 @@ async fn alpn_picks_the_protocol_and_upstream_connections_are_pooled() {
 }
 
 #[tokio::test]
+async fn upstream_http2_false_speaks_http1_to_an_h2_upstream() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start_with(&ca, true).await;
+    let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], "http2 = false\n").await;
+    let client = ca.client(true);
+    for path in ["/a", "/b"] {
+        let res = client
+            .request(get(&kg.url(path), &[("x-api-key", &kg.key)]))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        res.into_body().collect().await.unwrap();
+    }
+    let seen = up.recorded();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|r| r.version == Version::HTTP_11));
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "h1 keep-alive connection reused"
+    );
+    kg.stop().await;
+}
+
+#[tokio::test]
 async fn unrouted_paths_get_404_and_missing_secrets_503() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
