@@ -10,6 +10,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
+// jemalloc, for memory per connection: see its entry in Cargo.toml.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use keygate::app;
 use keygate::config::Config;
 use keygate::secret::Secret;

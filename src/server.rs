@@ -15,21 +15,25 @@
 //! ```
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::AppState;
 use crate::config::ServerConfig;
+use crate::Body;
 
 /// Which plane a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,22 +94,34 @@ struct Conn {
 }
 
 impl Conn {
+    /// One connection, from the first byte to the end. Each phase runs in its own boxed
+    /// future: an async fn's state is as large as its largest phase, and this one lives as
+    /// long as the connection, so an idle keep-alive connection should not carry the
+    /// cleartext answer's read buffers or the TLS handshake's state.
     async fn serve(self, tcp: TcpStream, peer: SocketAddr) {
-        let server = self.state.config.server.clone();
+        let timeout = self.state.config.server.header_read_timeout;
         let _ = tcp.set_nodelay(true);
         let mut first = [0u8; 1];
-        match tokio::time::timeout(server.header_read_timeout, tcp.peek(&mut first)).await {
+        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
             Ok(Ok(1)) => {}
             _ => return,
         }
         if first[0] != 0x16 {
             if first[0].is_ascii_alphabetic() {
-                answer_cleartext(tcp, peer, self.plane, &self.state, &server).await;
+                let server = self.state.config.server.clone();
+                Box::pin(answer_cleartext(
+                    tcp,
+                    peer,
+                    self.plane,
+                    &self.state,
+                    &server,
+                ))
+                .await;
             }
             return;
         }
-        let tls = match tokio::time::timeout(server.header_read_timeout, self.tls.accept(tcp)).await
-        {
+        let accept = Box::pin(tokio::time::timeout(timeout, self.tls.accept(tcp)));
+        let tls = match accept.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -116,21 +132,40 @@ impl Conn {
                 return;
             }
         };
+        self.serve_http(tls, peer).await;
+    }
+
+    /// Builds the hyper connection for the negotiated protocol on the heap, and returns a
+    /// small future that drives it. Built in a plain function, not an async one: an async
+    /// body would keep the TLS stream, the `TokioIo` around it and the connection that owns it
+    /// as three separate slots of its state (moved-from locals are not reused), for as long
+    /// as the connection lives.
+    fn serve_http(
+        self,
+        tls: TlsStream<TcpStream>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let server = &self.state.config.server;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let state = self.state.clone();
         let plane = self.plane;
+        // Each request's future is boxed: hyper keeps a slot of the service future's size for
+        // the whole connection, so an unboxed pipeline future (several KiB) would be memory
+        // held by every idle keep-alive connection. One allocation per request is cheaper.
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move {
-                Ok::<_, Infallible>(match plane {
-                    Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
-                    Plane::Admin => crate::admin::handle(state, req, peer.ip()).await,
-                })
-            }
+            let fut: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
+                Box::pin(async move {
+                    Ok(match plane {
+                        Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
+                        Plane::Admin => crate::admin::handle(state, req, peer.ip()).await,
+                    })
+                });
+            fut
         });
         let io = TokioIo::new(tls);
-        let mut shutdown = self.shutdown;
-        let result = if h2 {
+        let shutdown = self.shutdown.clone();
+        if h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(100)
@@ -141,36 +176,74 @@ impl Conn {
                 .initial_stream_window_size(256 * 1024)
                 .max_header_list_size(32 * 1024)
                 .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = crate::server::signalled(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            Box::pin(drive(Box::pin(conn), shutdown, peer, self._permit))
         } else {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(server.header_read_timeout)
                 .max_headers(server.max_headers)
                 // The read buffer grows with a fast sender up to this (hyper: ~400 KiB), per
-                // connection; 64 KiB is plenty for throughput and caps a request head too.
-                .max_buf_size(64 * 1024)
+                // connection, and it also caps a request head. 16 KiB: W2 (64 slow uploads)
+                // held 307 KiB per upload with 64 KiB here and in the upstream send buffer,
+                // 130 KiB with 16 KiB here and 32 KiB there, at the same upload rate.
+                .max_buf_size(16 * 1024)
                 .keep_alive(true)
                 .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = crate::server::signalled(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+            Box::pin(drive(Box::pin(conn), shutdown, peer, self._permit))
         }
+    }
+}
+
+/// A served connection that can be asked to finish gracefully (hyper's h1 and h2 connections).
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    Self: Future<Output = Result<(), hyper::Error>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    Self: Future<Output = Result<(), hyper::Error>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// Drives `conn` to its end; on shutdown, asks it to finish gracefully and waits for that.
+async fn drive<C: Graceful + ?Sized>(
+    mut conn: Pin<Box<C>>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = signalled(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
