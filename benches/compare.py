@@ -1584,7 +1584,9 @@ def main() -> int:
     t_bench = time.monotonic()
     # What was built (read now: the tree may change while the benchmark runs).
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # The results of an earlier run are not part of what is measured.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)benches/results"))
 
     # The harness itself (Python clients) runs on the load generator's core.
     if pin:
