@@ -11,9 +11,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::config::{Config, OnCleartext};
 use crate::crypto::{MasterKey, MasterKeyError, MasterKeySource};
 use crate::keycache::{KeyCache, KeyCacheSettings};
+use crate::metrics::Metrics;
 use crate::proxy::credentials::Credentials;
 use crate::proxy::forward::Upstream;
 use crate::proxy::limit::Limiters;
@@ -53,30 +55,128 @@ pub enum AppError {
     },
 }
 
-/// Counters of events worth reporting.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub cleartext_attempts: AtomicU64,
-    pub exposed_keys_flagged: AtomicU64,
+/// What a config file decides, swapped whole by a reload. A request loads it once and keeps
+/// that snapshot to its end, so in-flight requests finish on the config they started with.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub credentials: Credentials,
+    pub limits: Limiters,
+    pub upstream: Upstream,
+    pub tls: TlsAcceptor,
+    /// Counts reloads: 0 for the config keygate started with.
+    pub generation: u64,
+}
+
+/// The outcome of the last reload, for the log, `/-/reload` and `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub generation: u64,
+    /// Unix seconds of the last attempt (0: none yet).
+    pub attempted_at: u64,
+    /// Why the last attempt was refused; `None` when it applied.
+    pub error: Option<String>,
+    /// Settings the file changed that only a restart applies.
+    pub needs_restart: Vec<&'static str>,
 }
 
 /// What every request handler shares.
 pub struct AppState {
-    pub config: Arc<Config>,
+    live: ArcSwap<Live>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    pub reload_status: std::sync::Mutex<ReloadStatus>,
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
     pub store: Arc<dyn Store>,
     pub master: Arc<MasterKey>,
     pub keys: KeyCache,
-    pub routes: RouteTable,
-    pub credentials: Credentials,
     pub passthrough: PassthroughCache,
-    pub limits: Limiters,
-    pub upstream: Upstream,
-    pub counters: Counters,
+    pub metrics: Metrics,
 }
 
 impl AppState {
+    /// The current config snapshot.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Reads the config file again and applies it: routes, upstreams, limits, certificates
+    /// and server settings for new connections. Connections and requests in flight keep what
+    /// they started with. A file that does not load or validate changes nothing; the reason is
+    /// returned, logged, and kept for `/-/reload` and `/readyz`.
+    pub async fn reload(&self) -> Result<u64, String> {
+        let _one = self.reloading.lock().await;
+        let old = self.live();
+        let result = self.build_reloaded(&old).await;
+        let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
+        status.attempted_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match result {
+            Ok((live, needs_restart)) => {
+                let generation = live.generation;
+                let routes = live.config.routes.len();
+                self.live.store(Arc::new(live));
+                // Verdicts are cached per route index; the indexes may mean other routes now.
+                self.passthrough.clear();
+                for field in &needs_restart {
+                    tracing::warn!(field, "changed in the config file; applies after a restart");
+                }
+                tracing::info!(generation, routes, "config reloaded");
+                self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                *status = ReloadStatus {
+                    generation,
+                    attempted_at: status.attempted_at,
+                    error: None,
+                    needs_restart,
+                };
+                Ok(generation)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused; the running config stays");
+                self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                status.error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_reloaded(&self, old: &Live) -> Result<(Live, Vec<&'static str>), String> {
+        let source = old.config.source.clone();
+        let config = tokio::task::spawn_blocking(move || Config::load_source(source.as_deref()))
+            .await
+            .map_err(|e| format!("reading the config: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let needs_restart = restart_only_changes(&old.config, &config);
+        let cert = crate::tls::resolve_listener_cert(&config.tls).map_err(|e| e.to_string())?;
+        let tls = TlsAcceptor::from(
+            crate::tls::server_config(&cert.cert, &cert.key).map_err(|e| e.to_string())?,
+        );
+        let upstream = Upstream::new(&config.upstream).map_err(|e| e.to_string())?;
+        let credentials = {
+            let store = self.store.clone();
+            let routes = config.routes.clone();
+            let tenant = self.tenant.clone();
+            blocking(move || {
+                let c = Credentials::new(routes.len());
+                c.refresh(store.as_ref(), &tenant, &routes).map(|()| c)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        let live = Live {
+            routes: RouteTable::new(&config.routes),
+            limits: old.limits.reconfigured(&config.limits, &config.routes),
+            credentials,
+            upstream,
+            tls,
+            generation: old.generation + 1,
+            config: Arc::new(config),
+        };
+        Ok((live, needs_restart))
+    }
+
     /// A key was seen in a cleartext request: if it is valid, it has leaked. Flag it (or revoke
     /// it, by config), log the event by key id, never the key.
     pub async fn cleartext_key_seen(&self, key: &Secret) {
@@ -84,10 +184,10 @@ impl AppState {
             Ok(Some(p)) => p,
             _ => return,
         };
-        self.counters
+        self.metrics
             .exposed_keys_flagged
             .fetch_add(1, Ordering::Relaxed);
-        let revoke = self.config.keys.on_cleartext == OnCleartext::Revoke;
+        let revoke = self.live().config.keys.on_cleartext == OnCleartext::Revoke;
         let store = self.store.clone();
         let id = principal.key_id();
         let result = tokio::task::spawn_blocking(move || {
@@ -140,19 +240,17 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     permits: Vec<Arc<Semaphore>>,
+    max_connections: usize,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish (at most the drain timeout), returns.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let max = self
-            .state
-            .config
-            .server
-            .max_connections
-            .min(u32::MAX as usize) as u32;
-        let drain = self.state.config.server.drain_timeout;
+        let live = self.state.live();
+        // The semaphores were sized by the config keygate started with (not reloadable).
+        let max = self.max_connections.min(u32::MAX as usize) as u32;
+        let drain = live.config.server.drain_timeout;
         let permits = std::mem::take(&mut self.permits);
         let drained = tokio::time::timeout(drain, async {
             for p in &permits {
@@ -258,17 +356,23 @@ pub async fn start(
     })?;
 
     let state = Arc::new(AppState {
-        routes: RouteTable::new(&config.routes),
+        live: ArcSwap::from_pointee(Live {
+            routes: RouteTable::new(&config.routes),
+            credentials,
+            limits: Limiters::new(&config.limits, &config.routes),
+            upstream,
+            tls,
+            generation: 0,
+            config: config.clone(),
+        }),
+        reloading: tokio::sync::Mutex::new(()),
+        reload_status: std::sync::Mutex::default(),
         tenant,
-        config: config.clone(),
         store,
         master,
         keys,
-        credentials,
         passthrough: PassthroughCache::new(config.keys.cache_capacity),
-        limits: Limiters::new(&config.limits, &config.routes),
-        upstream,
-        counters: Counters::default(),
+        metrics: Metrics::default(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -280,7 +384,6 @@ pub async fn start(
         tasks.spawn(accept_loop(
             listener,
             plane,
-            tls.clone(),
             state.clone(),
             p,
             shutdown_rx.clone(),
@@ -298,6 +401,7 @@ pub async fn start(
         shutdown,
         tasks,
         permits,
+        max_connections: config.server.max_connections,
     })
 }
 
@@ -317,7 +421,7 @@ async fn evict_idle_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                state.limits.evict_idle();
+                state.live().limits.evict_idle();
                 state.keys.evict_expired();
             }
             _ = crate::server::signalled(&mut shutdown) => return,
@@ -331,7 +435,8 @@ async fn poll_store(
     mut seen: Revisions,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(state.config.keys.poll_interval);
+    // Not reloadable: the key cache settings are fixed at start.
+    let mut tick = tokio::time::interval(state.live().config.keys.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
@@ -343,8 +448,9 @@ async fn poll_store(
         let polled = blocking(move || -> Result<_, StoreError> {
             let rev = st.store.revisions()?;
             if (rev.secrets, rev.env_vars) != (seen.secrets, seen.env_vars) {
-                st.credentials
-                    .refresh(st.store.as_ref(), &st.tenant, &st.config.routes)?;
+                let live = st.live();
+                live.credentials
+                    .refresh(st.store.as_ref(), &st.tenant, &live.config.routes)?;
             }
             Ok(rev)
         })
@@ -366,4 +472,40 @@ async fn poll_store(
             }
         }
     }
+}
+
+/// The settings a reload cannot apply to a running keygate (they shape listeners, the store
+/// or the runtime), named as in the config file.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("listen", old.listen != new.listen);
+    check("store", old.store != new.store);
+    // keys.on_cleartext is read per event and applies at once; the cache settings do not.
+    let cache = |k: &crate::config::KeysConfig| {
+        (
+            k.cache_ttl,
+            k.negative_cache_ttl,
+            k.cache_capacity,
+            k.poll_interval,
+            k.staleness_bound,
+        )
+    };
+    check(
+        "keys (cache settings)",
+        cache(&old.keys) != cache(&new.keys),
+    );
+    check(
+        "server.max_connections",
+        old.server.max_connections != new.server.max_connections,
+    );
+    check(
+        "server.worker_threads",
+        old.server.worker_threads != new.server.worker_threads,
+    );
+    changed
 }

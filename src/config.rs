@@ -170,6 +170,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub routes: Vec<Route>,
+    /// The file this was read from (`None`: the built-in defaults, or text parsed directly).
+    /// A reload reads it again.
+    pub source: Option<PathBuf>,
 }
 
 /// A GCRA quota: a sustained rate per second and a burst. Hashable (the rate is kept in
@@ -211,7 +214,7 @@ pub struct LimitsConfig {
 }
 
 /// Listener addresses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
@@ -227,7 +230,7 @@ pub enum TlsSource {
 }
 
 /// The embedded store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub path: PathBuf,
     pub master_key_file: PathBuf,
@@ -255,7 +258,7 @@ pub enum OnCleartext {
 }
 
 /// The key cache and how fresh it must be.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeysConfig {
     pub cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
@@ -268,7 +271,7 @@ pub struct KeysConfig {
 }
 
 /// Listener hardening.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub max_headers: usize,
@@ -406,8 +409,19 @@ impl Config {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                Config::parse(&text, &p.display().to_string())
+                let mut config = Config::parse(&text, &p.display().to_string())?;
+                config.source = Some(p.to_path_buf());
+                Ok(config)
             }
+            None => Config::parse(EMBEDDED_DEFAULTS, "built-in defaults"),
+        }
+    }
+
+    /// What a reload reads: the file `path` again, or the built-in defaults when keygate
+    /// started on them.
+    pub fn load_source(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(Some(p)),
             None => Config::parse(EMBEDDED_DEFAULTS, "built-in defaults"),
         }
     }
@@ -660,6 +674,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         server,
         limits,
         routes,
+        source: None,
     })
 }
 

@@ -80,6 +80,8 @@ pub struct KeyCache {
     ttl_ms: u64,
     negative_ttl_ms: u64,
     capacity: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 /// Settings of the key cache.
@@ -112,6 +114,8 @@ impl KeyCache {
             ttl_ms: s.ttl.as_millis() as u64,
             negative_ttl_ms: s.negative_ttl.as_millis() as u64,
             capacity: s.capacity.clamp(1, usize::MAX as u64) as usize,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -142,9 +146,11 @@ impl KeyCache {
             if u64::from(slot.revision) >= self.current.load(Ordering::Acquire)
                 && u64::from(slot.expires_s) * 1000 > now
             {
+                self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(slot.principal());
             }
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         // A miss: one store read per digest, however many requests wait for it. A read that
         // began before the revision moved is not trusted: read again.
         for _ in 0..3 {
@@ -239,6 +245,14 @@ impl KeyCache {
         Duration::from_millis(
             self.now_ms()
                 .saturating_sub(self.last_sync_ms.load(Ordering::Acquire)),
+        )
+    }
+
+    /// (hits, misses) of well-formed keys since start.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
         )
     }
 

@@ -18,12 +18,16 @@
 //! - [`secret`]: the `Secret` type whose `Debug` prints `***`.
 //! - [`error`]: the one mapping from `ProxyError` to a response.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod crypto;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keycache;
+pub mod metrics;
 pub mod proxy;
 pub mod run;
 pub mod secret;

@@ -48,6 +48,9 @@ enum LogFormat {
 enum Command {
     /// Run the proxy and admin listeners.
     Serve,
+    /// Check the config file and ask the running `keygate serve` (on the same store) to
+    /// reload it, as SIGHUP does.
+    Reload,
     /// Validate a config file and name the bad field.
     CheckConfig {
         /// The file to check (default: as --config).
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::CheckConfig { .. } => Ok(()),
         Command::Serve => serve(config),
+        Command::Reload => reload(&config),
         Command::Keys(cmd) => keys(config, cmd),
         Command::Secrets(cmd) => secrets(config, cmd),
         Command::Run {
@@ -216,33 +220,96 @@ fn serve(config: Config) -> Result<(), String> {
             let _ = writeln!(out, "{}", key.expose());
             let _ = out.flush();
         }
-        wait_for_signal().await;
+        let pid_file = PidFile::write(&pid_path(&running.state.live().config));
+        serve_signals(&running).await?;
         eprintln!("keygate: shutting down (draining in-flight requests)");
         running.shutdown().await;
+        drop(pid_file);
         Ok(())
     })
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+/// Waits for SIGTERM or SIGINT (then returns, to shut down); SIGHUP reloads the config.
+async fn serve_signals(running: &app::Running) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
+    let mut term = watch(SignalKind::terminate())?;
+    let mut int = watch(SignalKind::interrupt())?;
+    let mut hup = watch(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match running.state.reload().await {
+                Ok(generation) => eprintln!("keygate: config reloaded (generation {generation})"),
+                Err(e) => eprintln!("keygate: config reload refused, the running config stays: {e}"),
+            },
+        }
+    }
+}
+
+/// Where `serve` writes its pid: beside the store, so that `keygate reload` with the same
+/// config finds the server of that store.
+fn pid_path(config: &Config) -> PathBuf {
+    let dir = config
+        .store
+        .path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    dir.join("keygate.pid")
+}
+
+/// The pid file of a running `serve`; removed when dropped.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> PidFile {
+        match std::fs::write(path, format!("{}\n", std::process::id())) {
+            Ok(()) => PidFile(Some(path.to_path_buf())),
+            Err(e) => {
+                eprintln!(
+                    "keygate: cannot write {} ({e}); `keygate reload` will not find this server (SIGHUP still works)",
+                    path.display()
+                );
+                PidFile(None)
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
     }
+}
+
+/// `keygate reload`: the config must load (else nothing is signalled), then SIGHUP to the
+/// server whose pid file sits beside the store.
+fn reload(config: &Config) -> Result<(), String> {
+    let path = pid_path(config);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read {} ({e}): is `keygate serve` running with this config?",
+            path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{}: not a pid", path.display()))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .map_err(|e| format!("cannot signal pid {pid} (from {}): {e}", path.display()))?;
+    eprintln!(
+        "keygate: config OK ({} routes); asked pid {pid} to reload it. The outcome is in its log and at GET /-/reload on the admin listener.",
+        config.routes.len()
+    );
+    Ok(())
 }
 
 fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {

@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,17 +30,37 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
+use crate::access::LoggedBody;
 use crate::app::AppState;
 use crate::config::ServerConfig;
 use crate::Body;
+
+type Logged = LoggedBody<Body>;
 
 /// Which plane a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plane {
     Proxy,
     Admin,
+}
+
+impl Plane {
+    pub fn name(self) -> &'static str {
+        match self {
+            Plane::Proxy => "proxy",
+            Plane::Admin => "admin",
+        }
+    }
+}
+
+/// Counts an open connection in `keygate_connections` while it lives.
+struct ConnGauge(Arc<AppState>, usize);
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        self.0.metrics.connections[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The longest cleartext request head read to look for a leaked key.
@@ -50,7 +71,6 @@ const CLEARTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text
 pub async fn accept_loop(
     listener: TcpListener,
     plane: Plane,
-    tls: TlsAcceptor,
     state: Arc<AppState>,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -76,10 +96,16 @@ pub async fn accept_loop(
         };
         let conn = Conn {
             plane,
-            tls: tls.clone(),
             state: state.clone(),
             shutdown: shutdown.clone(),
-            _permit: permit,
+            _permit: ConnSlot {
+                _permit: permit,
+                _gauge: {
+                    let i = plane as usize;
+                    state.metrics.connections[i].fetch_add(1, Ordering::Relaxed);
+                    ConnGauge(state.clone(), i)
+                },
+            },
         };
         tokio::spawn(conn.serve(tcp, peer));
     }
@@ -87,10 +113,16 @@ pub async fn accept_loop(
 
 struct Conn {
     plane: Plane,
-    tls: TlsAcceptor,
     state: Arc<AppState>,
     shutdown: watch::Receiver<bool>,
+    _permit: ConnSlot,
+}
+
+/// What a connection holds while it lives: its place under the connection cap, and its
+/// count in the connections gauge.
+struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    _gauge: ConnGauge,
 }
 
 impl Conn {
@@ -99,7 +131,9 @@ impl Conn {
     /// long as the connection, so an idle keep-alive connection should not carry the
     /// cleartext answer's read buffers or the TLS handshake's state.
     async fn serve(self, tcp: TcpStream, peer: SocketAddr) {
-        let timeout = self.state.config.server.header_read_timeout;
+        // The config and certificate of the moment the connection arrived.
+        let live = self.state.live();
+        let timeout = live.config.server.header_read_timeout;
         let _ = tcp.set_nodelay(true);
         let mut first = [0u8; 1];
         match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
@@ -108,7 +142,7 @@ impl Conn {
         }
         if first[0] != 0x16 {
             if first[0].is_ascii_alphabetic() {
-                let server = self.state.config.server.clone();
+                let server = live.config.server.clone();
                 Box::pin(answer_cleartext(
                     tcp,
                     peer,
@@ -120,15 +154,25 @@ impl Conn {
             }
             return;
         }
-        let accept = Box::pin(tokio::time::timeout(timeout, self.tls.accept(tcp)));
+        let accept = Box::pin(tokio::time::timeout(timeout, live.tls.accept(tcp)));
+        // Not held for the connection's lifetime: each request loads the config of its moment.
+        drop(live);
         let tls = match accept.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                self.state
+                    .metrics
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
+                self.state
+                    .metrics
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
@@ -145,7 +189,8 @@ impl Conn {
         tls: TlsStream<TcpStream>,
         peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let server = &self.state.config.server;
+        let live = self.state.live();
+        let server = &live.config.server;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let state = self.state.clone();
         let plane = self.plane;
@@ -154,12 +199,25 @@ impl Conn {
         // held by every idle keep-alive connection. One allocation per request is cheaper.
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            let fut: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
+            let fut: Pin<Box<dyn Future<Output = Result<Response<Logged>, Infallible>> + Send>> =
                 Box::pin(async move {
-                    Ok(match plane {
+                    let pending = crate::access::Pending::capture(&req, plane.name());
+                    state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let res = match plane {
                         Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
-                        Plane::Admin => crate::admin::handle(state, req, peer.ip()).await,
-                    })
+                        Plane::Admin => crate::admin::handle(state.clone(), req, peer.ip()).await,
+                    };
+                    state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    let (mut parts, body) = res.into_parts();
+                    let info = parts
+                        .extensions
+                        .remove::<crate::access::AccessInfo>()
+                        .unwrap_or_default();
+                    let status = parts.status.as_u16();
+                    Ok(Response::from_parts(
+                        parts,
+                        LoggedBody::new(body, pending, info, status),
+                    ))
                 });
             fut
         });
@@ -233,7 +291,7 @@ async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    _permit: ConnSlot,
 ) {
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -269,7 +327,7 @@ async fn answer_cleartext(
     .await;
     let _ = read;
     state
-        .counters
+        .metrics
         .cleartext_attempts
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
@@ -294,7 +352,7 @@ async fn answer_cleartext(
 }
 
 /// The key in a cleartext request head, if it carries one.
-fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
+pub(crate) fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     // A partial head still has complete header lines worth looking at.

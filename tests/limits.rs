@@ -142,7 +142,7 @@ async fn failed_authentication_is_throttled_per_ip_only() {
     )
     .await;
     let state = kg.running.as_ref().unwrap().state.clone();
-    let tracked_before = state.limits.tracked();
+    let tracked_before = state.live().limits.tracked();
     let attacker = client_from(&ca.ca_file, false, Some("127.0.0.1".parse().unwrap()));
     let mut statuses = Vec::new();
     for i in 0..30 {
@@ -185,10 +185,10 @@ async fn failed_authentication_is_throttled_per_ip_only() {
     // Thirty unknown keys created no per-key state: only the attacker IP's and the neighbour
     // key's.
     assert!(
-        state.limits.tracked() <= tracked_before + 2,
+        state.live().limits.tracked() <= tracked_before + 2,
         "unknown keys created limiter state: {} -> {}",
         tracked_before,
-        state.limits.tracked()
+        state.live().limits.tracked()
     );
     kg.stop().await;
 }

@@ -35,7 +35,7 @@ pub fn to_json(s: &AiSecretRecord) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WriteBody {
+pub(crate) struct WriteBody {
     name: String,
     #[serde(default, rename = "type")]
     secret_type: Option<String>,
@@ -49,7 +49,7 @@ struct WriteBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub(crate) struct PatchBody {
     #[serde(default)]
     name: Option<String>,
     #[serde(default, rename = "type")]
@@ -62,7 +62,7 @@ struct PatchBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteBody {
+pub(crate) struct DeleteBody {
     name: String,
     #[serde(default)]
     org_name: Option<String>,
@@ -148,7 +148,7 @@ async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, Admi
     ))
 }
 
-fn check_type(t: &Option<String>) -> Result<(), AdminError> {
+pub(crate) fn check_type(t: &Option<String>) -> Result<(), AdminError> {
     match t {
         Some(t) => check_name("type", t),
         None => Ok(()),

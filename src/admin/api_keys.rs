@@ -40,7 +40,7 @@ pub fn to_json(k: &ApiKeyRecord) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
     name: String,
     #[serde(default)]
     org_name: Option<String>,
@@ -55,13 +55,13 @@ struct CreateBody {
 /// The `rate_limit` extension field: a key's own quota.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RateLimitBody {
+pub(crate) struct RateLimitBody {
     per_second: f64,
     burst: u32,
 }
 
 impl RateLimitBody {
-    fn spec(&self) -> Result<LimitSpec, AdminError> {
+    pub(crate) fn spec(&self) -> Result<LimitSpec, AdminError> {
         LimitSpec::new(self.per_second, self.burst).ok_or_else(|| {
             AdminError::BadRequest(
                 "`rate_limit`: per_second must be between 0.001 and 1000000 and burst between 1 and 1000000".into(),
@@ -74,7 +74,7 @@ impl RateLimitBody {
 /// `null`, clears the key's own quota. Takes effect on the key's next request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub(crate) struct PatchBody {
     rate_limit: Option<RateLimitBody>,
 }
 
@@ -165,7 +165,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
     };
     if let Some(routes) = &b.routes {
         for r in routes {
-            if !ctx.state.config.routes.iter().any(|c| &c.name == r) {
+            if !ctx.state.live().config.routes.iter().any(|c| &c.name == r) {
                 return Err(AdminError::BadRequest(format!(
                     "`routes`: no route is named {r:?}"
                 )));

@@ -30,7 +30,7 @@ pub fn to_json(e: &EnvVarRecord) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WriteBody {
+pub(crate) struct WriteBody {
     object_type: String,
     object_id: String,
     name: String,
@@ -40,7 +40,7 @@ struct WriteBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub(crate) struct PatchBody {
     name: String,
     #[serde(default)]
     value: Option<Secret>,
@@ -93,7 +93,7 @@ pub async fn handle(
     }
 }
 
-fn object_type(v: &str) -> Result<ObjectType, AdminError> {
+pub(crate) fn object_type(v: &str) -> Result<ObjectType, AdminError> {
     ObjectType::parse(v).ok_or_else(|| {
         AdminError::BadRequest(format!(
             "`object_type` must be \"organization\", \"project\" or \"function\", not {v:?}"
@@ -102,7 +102,7 @@ fn object_type(v: &str) -> Result<ObjectType, AdminError> {
 }
 
 /// An env var name goes into a process environment: no `=` and no NUL there.
-fn check_env_name(name: &str) -> Result<(), AdminError> {
+pub(crate) fn check_env_name(name: &str) -> Result<(), AdminError> {
     check_name("name", name)?;
     if name.contains('=') {
         return Err(AdminError::BadRequest("`name` must not contain `=`".into()));
@@ -110,7 +110,7 @@ fn check_env_name(name: &str) -> Result<(), AdminError> {
     Ok(())
 }
 
-fn check_value(v: &Option<Secret>) -> Result<(), AdminError> {
+pub(crate) fn check_value(v: &Option<Secret>) -> Result<(), AdminError> {
     if v.as_ref().is_some_and(|v| v.expose().contains('\0')) {
         return Err(AdminError::BadRequest(
             "`value` must not contain NUL characters".into(),

@@ -15,6 +15,7 @@
 pub mod ai_secrets;
 pub mod api_keys;
 pub mod env_vars;
+mod ops;
 pub mod request;
 
 use std::net::IpAddr;
@@ -33,14 +34,28 @@ use crate::Body;
 
 /// Serves one admin request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    let mut info = crate::access::AccessInfo {
+        route: Some("admin".into()),
+        ..Default::default()
+    };
     let mut res = if req.method() == Method::OPTIONS {
         preflight(&req)
     } else {
-        match route(state, req, peer).await {
+        match route(state.clone(), req, peer, &mut info).await {
             Ok(res) => res,
-            Err(e) => e.into_response(),
+            Err(e) => {
+                if matches!(e, AdminError::RateLimited(_)) {
+                    state.metrics.refused(if info.authenticated {
+                        crate::metrics::Refusal::Admin
+                    } else {
+                        crate::metrics::Refusal::AuthFailures
+                    });
+                }
+                e.into_response()
+            }
         }
     };
+    res.extensions_mut().insert(info);
     res.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
@@ -108,8 +123,9 @@ impl AppState {
     /// After a secret or env var write: rebuild the routes' credentials (and templated
     /// headers) now, not at the next poll.
     pub fn secrets_changed(&self) -> Result<(), StoreError> {
-        self.credentials
-            .refresh(self.store.as_ref(), &self.tenant, &self.config.routes)
+        let live = self.live();
+        live.credentials
+            .refresh(self.store.as_ref(), &self.tenant, &live.config.routes)
     }
 }
 
@@ -122,6 +138,7 @@ async fn route(
     state: Arc<AppState>,
     req: Request<Incoming>,
     peer: IpAddr,
+    info: &mut crate::access::AccessInfo,
 ) -> Result<Response<Body>, AdminError> {
     let path = req.uri().path();
     let path = path
@@ -137,7 +154,17 @@ async fn route(
             _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
         };
     }
-    let (principal, ratelimit) = authenticate(&state, req.headers(), peer).await?;
+    match path {
+        "/readyz" => return only_get(&req).map(|()| ops::readyz(&state)),
+        "/metrics" => return only_get(&req).map(|()| ops::metrics(&state)),
+        _ => {}
+    }
+    let (principal, ratelimit) = authenticate(&state, req.headers(), peer, info).await?;
+    if path == "/-/reload" {
+        let mut res = ops::reload(&state, &req).await?;
+        res.headers_mut().insert("ratelimit", ratelimit);
+        return Ok(res);
+    }
     let mut parts = path.trim_start_matches('/').splitn(3, '/');
     let (v1, resource, id) = (parts.next(), parts.next(), parts.next());
     if v1 != Some("v1") || id.is_some_and(|i| i.contains('/')) {
@@ -169,8 +196,10 @@ async fn authenticate(
     state: &AppState,
     headers: &http::HeaderMap,
     peer: IpAddr,
+    info: &mut crate::access::AccessInfo,
 ) -> Result<(Principal, HeaderValue), AdminError> {
-    if let Some(l) = state.limits.ip_blocked(peer) {
+    let live = state.live();
+    if let Some(l) = live.limits.ip_blocked(peer) {
         return Err(AdminError::RateLimited(l));
     }
     let found = match crate::proxy::authenticate::presented_key(headers) {
@@ -180,7 +209,7 @@ async fn authenticate(
     let principal = match found {
         Ok(Some(p)) => p,
         Ok(None) => {
-            return Err(match state.limits.auth_failed(peer) {
+            return Err(match live.limits.auth_failed(peer) {
                 Some(l) => AdminError::RateLimited(l),
                 None => AdminError::Unauthorized,
             })
@@ -191,10 +220,12 @@ async fn authenticate(
             return Err(AdminError::StoreUnavailable);
         }
     };
+    info.authenticated = true;
+    info.key_uid = Some(principal.key_uid);
     if principal.role() != Role::Admin {
         return Err(AdminError::Forbidden);
     }
-    let ratelimit = state
+    let ratelimit = live
         .limits
         .check_admin(principal.key_uid)
         .map_err(AdminError::RateLimited)?;
@@ -238,4 +269,12 @@ fn preflight(req: &Request<Incoming>) -> Response<Body> {
         HeaderValue::from_static("access-control-request-headers"),
     );
     res
+}
+
+/// GET and HEAD only.
+fn only_get(req: &Request<Incoming>) -> Result<(), AdminError> {
+    match *req.method() {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
+    }
 }

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use http::HeaderValue;
 
-use crate::app::AppState;
+use crate::app::{AppState, Live};
 use crate::config::{Inject, Route};
 use crate::error::ProxyError;
 use crate::keycache::LookupError;
@@ -59,15 +59,16 @@ pub enum Grant {
 /// Failed attempts count against `peer`'s allowance; a blocked peer gets 429 before any lookup.
 pub async fn authenticate(
     state: &AppState,
+    live: &Live,
     route: (usize, &Route),
     headers: &HeaderMap,
     peer: IpAddr,
 ) -> Result<Grant, ProxyError> {
-    if let Some(l) = state.limits.ip_blocked(peer) {
+    if let Some(l) = live.limits.ip_blocked(peer) {
         return Err(ProxyError::RateLimited(l));
     }
-    match check(state, route, headers).await {
-        Err(ProxyError::Unauthorized) => Err(match state.limits.auth_failed(peer) {
+    match check(state, live, route, headers).await {
+        Err(ProxyError::Unauthorized) => Err(match live.limits.auth_failed(peer) {
             Some(l) => ProxyError::RateLimited(l),
             None => ProxyError::Unauthorized,
         }),
@@ -77,6 +78,7 @@ pub async fn authenticate(
 
 async fn check(
     state: &AppState,
+    live: &Live,
     (index, route): (usize, &Route),
     headers: &HeaderMap,
 ) -> Result<Grant, ProxyError> {
@@ -84,7 +86,7 @@ async fn check(
     if let Inject::Passthrough(v) = &route.inject {
         let (bearer, uid) = state
             .passthrough
-            .validate(&state.master, &state.upstream, (index, route), v, key)
+            .validate(&state.master, &live.upstream, (index, route), v, key)
             .await?;
         return Ok(Grant::Passthrough { bearer, uid });
     }

@@ -144,27 +144,71 @@ pub struct Limited {
 
 /// All limiters of a running keygate.
 pub struct Limiters {
-    default: Bucket<u128>,
-    by_quota: DashMap<LimitSpec, Arc<Bucket<u128>>>,
-    routes: Vec<Option<Bucket<u128>>>,
-    admin: Bucket<u128>,
-    auth_failures: Bucket<IpAddr>,
-    blocked: DashMap<IpAddr, (tokio::time::Instant, Limited)>,
+    default: Arc<Bucket<u128>>,
+    /// Per-key quotas do not come from the config: a reload keeps them all.
+    by_quota: Arc<DashMap<LimitSpec, Arc<Bucket<u128>>>>,
+    /// (route name, its bucket), indexed like the configured routes.
+    routes: Vec<(String, Option<Arc<Bucket<u128>>>)>,
+    admin: Arc<Bucket<u128>>,
+    auth_failures: Arc<Bucket<IpAddr>>,
+    blocked: Arc<DashMap<IpAddr, (tokio::time::Instant, Limited)>>,
 }
 
 impl Limiters {
     /// The limiters of a config (`routes` indexed like the configured routes).
     pub fn new(cfg: &LimitsConfig, routes: &[Route]) -> Self {
         Limiters {
-            default: Bucket::new("default", cfg.default),
-            by_quota: DashMap::new(),
+            default: Arc::new(Bucket::new("default", cfg.default)),
+            by_quota: Arc::default(),
             routes: routes
                 .iter()
-                .map(|r| r.limit.map(|l| Bucket::new("route", l)))
+                .map(|r| {
+                    let bucket = r.limit.map(|l| Arc::new(Bucket::new("route", l)));
+                    (r.name.clone(), bucket)
+                })
                 .collect(),
-            admin: Bucket::new("admin", cfg.admin),
-            auth_failures: Bucket::new("auth", cfg.auth_failures),
-            blocked: DashMap::new(),
+            admin: Arc::new(Bucket::new("admin", cfg.admin)),
+            auth_failures: Arc::new(Bucket::new("auth", cfg.auth_failures)),
+            blocked: Arc::default(),
+        }
+    }
+
+    /// The limiters of a reloaded config. Every quota that did not change keeps its state
+    /// (a reload must not hand every key a fresh burst), and so do per-key quotas and IP
+    /// blocks; a changed quota starts fresh.
+    pub fn reconfigured(&self, cfg: &LimitsConfig, routes: &[Route]) -> Self {
+        fn keep<K: std::hash::Hash + Eq + Clone>(
+            old: &Arc<Bucket<K>>,
+            policy: &'static str,
+            spec: LimitSpec,
+        ) -> Arc<Bucket<K>> {
+            if old.spec == spec {
+                old.clone()
+            } else {
+                Arc::new(Bucket::new(policy, spec))
+            }
+        }
+        Limiters {
+            default: keep(&self.default, "default", cfg.default),
+            by_quota: self.by_quota.clone(),
+            routes: routes
+                .iter()
+                .map(|r| {
+                    let old = self
+                        .routes
+                        .iter()
+                        .find(|(name, _)| *name == r.name)
+                        .and_then(|(_, b)| b.as_ref());
+                    let bucket = r.limit.map(|spec| match old {
+                        Some(b) => keep(b, "route", spec),
+                        None => Arc::new(Bucket::new("route", spec)),
+                    });
+                    (r.name.clone(), bucket)
+                })
+                .collect(),
+            admin: keep(&self.admin, "admin", cfg.admin),
+            auth_failures: keep(&self.auth_failures, "auth", cfg.auth_failures),
+            blocked: self.blocked.clone(),
         }
     }
 
@@ -176,7 +220,7 @@ impl Limiters {
         own: Option<LimitSpec>,
         route: usize,
     ) -> Result<HeaderValue, Limited> {
-        let route_state = match self.routes.get(route).and_then(Option::as_ref) {
+        let route_state = match self.routes.get(route).and_then(|(_, b)| b.as_ref()) {
             Some(b) => Some((b.policy, b.check(&uid)?)),
             None => None,
         };
@@ -241,7 +285,7 @@ impl Limiters {
             b.limiter.retain_recent();
             b.limiter.shrink_to_fit();
         }
-        for b in self.routes.iter().flatten() {
+        for b in self.routes.iter().filter_map(|(_, b)| b.as_ref()) {
             b.limiter.retain_recent();
             b.limiter.shrink_to_fit();
         }
@@ -259,7 +303,7 @@ impl Limiters {
             + self
                 .routes
                 .iter()
-                .flatten()
+                .filter_map(|(_, b)| b.as_ref())
                 .map(|b| b.limiter.len())
                 .sum::<usize>()
             + self.admin.limiter.len()
@@ -316,6 +360,43 @@ mod tests {
             tokio::time::advance(step).await;
         }
         admitted
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_unchanged_quotas_state_and_resets_changed_ones() {
+        let l = limiters(1.0, 2);
+        assert!(l.check_key(1, None, 0).is_ok());
+        assert!(l.check_key(1, None, 0).is_ok());
+        assert!(l.check_key(1, None, 0).is_err(), "burst used up");
+        let own = LimitSpec::new(1.0, 1).unwrap();
+        assert!(l.check_key(2, Some(own), 0).is_ok());
+        // Same quotas: the spent burst stays spent, per-key quotas too.
+        let same = l.reconfigured(
+            &LimitsConfig {
+                default: LimitSpec::new(1.0, 2).unwrap(),
+                auth_failures: LimitSpec::new(10.0, 20).unwrap(),
+                admin: LimitSpec::new(1.0, 2).unwrap(),
+            },
+            &[],
+        );
+        assert!(
+            same.check_key(1, None, 0).is_err(),
+            "a reload handed out a fresh burst"
+        );
+        assert!(same.check_key(2, Some(own), 0).is_err());
+        // A changed default quota starts from its new burst.
+        let changed = same.reconfigured(
+            &LimitsConfig {
+                default: LimitSpec::new(1.0, 5).unwrap(),
+                auth_failures: LimitSpec::new(10.0, 20).unwrap(),
+                admin: LimitSpec::new(1.0, 2).unwrap(),
+            },
+            &[],
+        );
+        assert_eq!(
+            hammer(&changed, 1, None, 1, Duration::from_millis(10)).await,
+            5
+        );
     }
 
     #[tokio::test(start_paused = true)]

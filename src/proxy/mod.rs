@@ -21,32 +21,66 @@ use std::net::IpAddr;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
-use crate::app::AppState;
+use std::time::Instant;
+
+use crate::access::AccessInfo;
+use crate::app::{AppState, Live};
 use crate::error::ProxyError;
+use crate::metrics::{Refusal, NO_ROUTE};
 use crate::Body;
 
-/// Serves one proxied request from `peer`.
+/// Serves one proxied request from `peer`. The response carries an [`AccessInfo`] in its
+/// extensions for the access log.
 pub async fn handle(state: &AppState, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
-    match pipeline(state, req, peer).await {
+    // One config snapshot for the whole request: a reload meanwhile does not change it.
+    let live = state.live();
+    let mut info = AccessInfo::default();
+    let mut res = match pipeline(state, &live, req, peer, &mut info).await {
         Ok(res) => res,
-        Err(e) => e.into_response(),
-    }
+        Err(e) => {
+            match &e {
+                ProxyError::RateLimited(_) if info.authenticated => {
+                    state.metrics.refused(Refusal::Proxy)
+                }
+                ProxyError::RateLimited(_) => state.metrics.refused(Refusal::AuthFailures),
+                _ => {}
+            }
+            e.into_response()
+        }
+    };
+    state.metrics.request(
+        info.route.as_deref().unwrap_or(NO_ROUTE),
+        res.status().as_u16(),
+        info.upstream,
+    );
+    res.extensions_mut().insert(info);
+    res
 }
 
 async fn pipeline(
     state: &AppState,
+    live: &Live,
     mut req: Request<Incoming>,
     peer: IpAddr,
+    info: &mut AccessInfo,
 ) -> Result<Response<Body>, ProxyError> {
     let host = routes::request_host(req.uri(), req.headers());
-    let route = state
+    let route = live
         .routes
         .select(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    let grant = authenticate::authenticate(state, route, req.headers(), peer).await?;
-    let ratelimit = limit::limit(&state.limits, route, &grant)?;
-    let added = inject::inject(&state.credentials, route, grant, &mut req)?;
-    let mut res = forward::forward(&state.upstream, route, added.secret.as_ref(), req).await?;
+    info.route = Some(route.1.name.clone());
+    let grant = authenticate::authenticate(state, live, route, req.headers(), peer).await?;
+    info.authenticated = true;
+    if let authenticate::Grant::Key(p) = &grant {
+        info.key_uid = Some(p.key_uid);
+    }
+    let ratelimit = limit::limit(&live.limits, route, &grant)?;
+    let added = inject::inject(&live.credentials, route, grant, &mut req)?;
+    let sent = Instant::now();
+    let forwarded = forward::forward(&live.upstream, route, added.secret.as_ref(), req).await;
+    info.upstream = Some(sent.elapsed());
+    let mut res = forwarded?;
     res.headers_mut().insert("ratelimit", ratelimit);
     Ok(res)
 }

@@ -59,6 +59,11 @@ impl PassthroughCache {
         }
     }
 
+    /// Forgets every verdict (after a reload: route indexes may name other routes).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Checks `key` for route `index`; returns the `Authorization` value to forward and the
     /// number its rate limiter state is keyed by.
     pub async fn validate(

@@ -412,7 +412,9 @@ impl Keygate {
         let text = config_text(ca, dir.path(), routes, extra);
         let config_path = dir.path().join("keygate.toml");
         std::fs::write(&config_path, &text).unwrap();
-        let config = Config::parse(&text, "test").expect("test config");
+        let mut config = Config::parse(&text, "test").expect("test config");
+        // What a reload reads again.
+        config.source = Some(config_path.clone());
         let (key, key_id) = {
             let (master, store) = app::open_store(&config, None).unwrap();
             let t = store.tenant().unwrap();

@@ -1,0 +1,110 @@
+//! Operations endpoints of the admin listener: `/readyz` and `/metrics` (no key needed: they
+//! carry no key, secret or client-chosen text), and `/-/reload` (admin key).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::error::{json_response, AdminError};
+use crate::metrics::Snapshot;
+use crate::Body;
+
+/// 200 when keygate can serve: the key store was read within the staleness bound (so the key
+/// list is fresh) and a certificate is loaded; else 503 with the reasons.
+pub fn readyz(state: &AppState) -> Response<Body> {
+    let live = state.live();
+    let staleness = state.keys.staleness();
+    let bound = live.config.keys.staleness_bound;
+    let store_ok = staleness <= bound;
+    let reload = state
+        .reload_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let body = json!({
+        "status": if store_ok { "ready" } else { "not ready" },
+        "checks": {
+            "key_store": {
+                "ok": store_ok,
+                "last_read_seconds_ago": (staleness.as_secs_f64() * 1000.0).round() / 1000.0,
+                "bound_seconds": bound.as_secs_f64(),
+            },
+            // The listeners only run with a loaded certificate; a reload that cannot load one
+            // is refused and the old one stays.
+            "certificates": { "ok": true },
+        },
+        "config": {
+            "generation": live.generation,
+            "routes": live.config.routes.len(),
+            "last_reload_error": reload.error,
+            "needs_restart": reload.needs_restart,
+        },
+    });
+    let status = if store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+/// The Prometheus text exposition.
+pub fn metrics(state: &AppState) -> Response<Body> {
+    let live = state.live();
+    let (hits, misses) = state.keys.stats();
+    let text = state.metrics.render(&Snapshot {
+        key_cache_entries: state.keys.len(),
+        key_cache_hits: hits,
+        key_cache_misses: misses,
+        key_store_staleness: state.keys.staleness(),
+        limiter_tracked: live.limits.tracked(),
+        config_generation: live.generation,
+    });
+    let mut res = Response::new(Body::Right(http_body_util::Full::new(Bytes::from(text))));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+/// `GET /-/reload`: the outcome of the last reload. `POST /-/reload`: reload now (as SIGHUP
+/// does); 200 when applied, 422 with the reason when the file was refused.
+pub async fn reload(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, AdminError> {
+    let outcome = match *req.method() {
+        Method::GET | Method::HEAD => None,
+        Method::POST => Some(state.reload().await),
+        _ => return Err(AdminError::MethodNotAllowed("GET, HEAD, POST")),
+    };
+    let status = state
+        .reload_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let generation = state.live().generation;
+    let (code, body) = match outcome {
+        Some(Err(e)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": format!("config reload refused, the running config stays: {e}"),
+                "generation": generation,
+            }),
+        ),
+        _ => (
+            StatusCode::OK,
+            json!({
+                "status": if outcome.is_some() { "applied" } else if status.error.is_some() { "last reload refused" } else { "ok" },
+                "generation": generation,
+                "last_attempt_unix": status.attempted_at,
+                "last_error": status.error,
+                "needs_restart": status.needs_restart,
+            }),
+        ),
+    };
+    Ok(json_response(code, Bytes::from(body.to_string())))
+}

@@ -1,0 +1,394 @@
+//! Operations: hot reload (admin call, SIGHUP, `keygate reload`), `/metrics`, `/readyz`,
+//! the access log, and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use support::*;
+
+/// One raw HTTP/1.1 keep-alive connection over TLS, to prove a connection survives.
+async fn raw_h1(
+    ca: &TestCa,
+    port: u16,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca.ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(keygate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn raw_get(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+    key: &str,
+) -> StatusCode {
+    send.ready().await.expect("connection still open");
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .header("x-api-key", key)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let res = send
+        .send_request(req)
+        .await
+        .expect("request on the same connection");
+    let status = res.status();
+    res.into_body().collect().await.unwrap();
+    status
+}
+
+fn write_routes(kg: &Keygate, ca: &TestCa, routes: &[(&str, &str, &str)], extra: &str) {
+    let text = config_text(ca, kg.config_path.parent().unwrap(), routes, extra);
+    std::fs::write(&kg.config_path, text).unwrap();
+}
+
+#[tokio::test]
+async fn reload_applies_routes_and_limits_without_dropping_connections() {
+    let ca = TestCa::new();
+    let up_a = FakeUpstream::start(&ca).await;
+    let up_b = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(&ca, &[("/", &up_a.url(), "K")], "").await;
+    let (admin_key, _) = make_key(&kg, keygate::store::Role::Admin);
+    let client = ca.client(false);
+
+    // A connection opened before the reload, and a stream in flight across it.
+    let mut conn = raw_h1(&ca, kg.proxy.port()).await;
+    assert_eq!(
+        raw_get(&mut conn, "/a/one", &kg.key).await,
+        StatusCode::CREATED
+    );
+    let sse = {
+        let client = client.clone();
+        let url = kg.url("/sse?n=6&gap_ms=100");
+        let key = kg.key.clone();
+        tokio::spawn(async move {
+            let res = client
+                .request(get(&url, &[("x-api-key", &key)]))
+                .await
+                .unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                String::from_utf8_lossy(&body).matches("data: ").count(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (s, _, _) = send(&client, get(&kg.url("/b/x"), &[("x-api-key", &kg.key)])).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(up_b.recorded().is_empty(), "no /b route before the reload");
+
+    // New route /b, and a default quota of 1/s burst 2.
+    write_routes(
+        &kg,
+        &ca,
+        &[("/", &up_a.url(), "K"), ("/b", &up_b.url(), "K")],
+        "[limits]\ndefault = { per_second = 1, burst = 2 }\n",
+    );
+    let (status, _, body) = admin_call(
+        &client,
+        "POST",
+        &kg.admin_url("/-/reload"),
+        Some(&admin_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "applied");
+    assert_eq!(body["generation"], 1);
+
+    // The old connection carries on; the new route and quota apply.
+    assert_eq!(
+        raw_get(&mut conn, "/b/two", &kg.key).await,
+        StatusCode::CREATED
+    );
+    let before_b = up_b.recorded().len();
+    assert_eq!(
+        before_b, 1,
+        "the request after the reload reached the new upstream"
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(raw_get(&mut conn, "/b/x", &kg.key).await);
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count(),
+        3,
+        "burst 2 (one already used) then 429: {statuses:?}"
+    );
+    let (status, events) = sse.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        events, 6,
+        "the stream in flight across the reload ended whole"
+    );
+
+    // A bad file: refused, the old config stays and says why.
+    std::fs::write(
+        &kg.config_path,
+        std::fs::read_to_string(&kg.config_path).unwrap() + "\n[limits]\nbogus = 1\n",
+    )
+    .unwrap();
+    let (status, _, body) = admin_call(
+        &client,
+        "POST",
+        &kg.admin_url("/-/reload"),
+        Some(&admin_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("limits"), "{body}");
+    let (status, _, body) = admin_call(
+        &client,
+        "GET",
+        &kg.admin_url("/-/reload"),
+        Some(&admin_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["generation"], 1);
+    assert!(body["last_error"].as_str().is_some(), "{body}");
+    let (status, _, ready) = admin_call(&client, "GET", &kg.admin_url("/readyz"), None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        ready["config"]["last_reload_error"].as_str().is_some(),
+        "{ready}"
+    );
+    let (s, _, _) = send(
+        &client,
+        get(&kg.url("/a/still"), &[("x-api-key", &admin_key)]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "the running config still serves");
+
+    // A proxy key may not reload.
+    let (status, _, _) = admin_call(
+        &client,
+        "POST",
+        &kg.admin_url("/-/reload"),
+        Some(&kg.key),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_readyz_report_without_keys_or_secrets() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(&ca, &[("/v1", &up.url(), "K")], "").await;
+    let client = ca.client(false);
+    for _ in 0..3 {
+        let (s, _, _) = send(&client, get(&kg.url("/v1/x"), &[("x-api-key", &kg.key)])).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let bad = "sk-000000000000000000000000000000000000000000000000";
+    let (s, _, _) = send(&client, get(&kg.url("/v1/x"), &[("x-api-key", bad)])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(&client, get(&kg.url("/nowhere"), &[("x-api-key", &kg.key)])).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (status, headers, body) = send(&client, get(&kg.admin_url("/metrics"), &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let route = "/v1";
+    for line in [
+        format!("keygate_requests_total{{route=\"{route}\",code=\"201\"}} 3"),
+        format!("keygate_requests_total{{route=\"{route}\",code=\"401\"}} 1"),
+        "keygate_requests_total{route=\"(none)\",code=\"404\"} 1".to_string(),
+        format!("keygate_upstream_response_seconds_count{{route=\"{route}\"}} 3"),
+        "keygate_key_cache_misses_total 2".to_string(),
+        "keygate_config_generation 0".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing from:\n{text}"
+        );
+    }
+    assert!(text.contains("keygate_connections{listener=\"proxy\"} "));
+    assert!(text.contains("keygate_key_cache_hits_total 2"), "{text}");
+    for needle in [kg.key.as_str(), &kg.key[3..], bad, UPSTREAM_SECRET] {
+        assert!(!text.contains(needle), "a key or secret in /metrics");
+    }
+
+    let (status, _, ready) = admin_call(&client, "GET", &kg.admin_url("/readyz"), None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["key_store"]["ok"], true);
+    kg.stop().await;
+}
+
+/// A config for a child keygate in `dir` (dev certificates there, store there).
+fn child_config(ca: &TestCa, routes: &[(&str, &str)], extra: &str) -> String {
+    let mut t = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [upstream]\nca_file = {ca:?}\n{extra}\n",
+        ca = ca.ca_file,
+    );
+    for (prefix, upstream) in routes {
+        t.push_str(&format!(
+            "[[route]]\nprefix = {prefix:?}\nupstream = {upstream:?}\ninject = {{ ai_secret = \"UPSTREAM_KEY\" }}\n"
+        ));
+    }
+    t
+}
+
+async fn run_cli(dir: &std::path::Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = keygate_cmd(dir, &[]);
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
+    let ca = TestCa::new();
+    let up_a = FakeUpstream::start(&ca).await;
+    let up_b = FakeUpstream::start(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(&cfg, child_config(&ca, &[("/", &up_a.url())], "")).unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let (code, err) = run_cli(
+        dir.path(),
+        &["--config", &cfg, "secrets", "put", "UPSTREAM_KEY"],
+        b"up-secret\n",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let kg = KeygateProcess::serve(dir.path(), &["--config", &cfg], &[]).await;
+    let key = kg.stdout_lines[0].clone();
+    let client = client_trusting(&dir.path().join("certs/ca.pem"), false);
+    let (s, _, _) = send(&client, get(&kg.url("/b/x"), &[("x-api-key", &key)])).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(up_b.recorded().is_empty());
+
+    // SIGHUP: the file is read again.
+    std::fs::write(
+        &cfg,
+        child_config(&ca, &[("/", &up_a.url()), ("/b", &up_b.url())], ""),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &kg.pid().to_string()])
+        .status()
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (s, _, _) = send(&client, get(&kg.url("/b/x"), &[("x-api-key", &key)])).await;
+        assert_eq!(s, StatusCode::CREATED);
+        if !up_b.recorded().is_empty() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "route /b did not appear after SIGHUP");
+
+    // `keygate reload` refuses a bad file without signalling, and signals for a good one.
+    std::fs::write(&cfg, "[listen]\nproxy = 5\n").unwrap();
+    let (code, err) = run_cli(dir.path(), &["--config", &cfg, "reload"], b"").await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("listen.proxy"), "{err}");
+    std::fs::write(
+        &cfg,
+        child_config(&ca, &[("/c", &up_b.url())], "").replace(
+            "prefix = \"/c\"\n",
+            "prefix = \"/c\"\nstrip_prefix = true\n",
+        ),
+    )
+    .unwrap();
+    let (code, err) = run_cli(dir.path(), &["--config", &cfg, "reload"], b"").await;
+    assert_eq!(code, Some(0), "{err}");
+    let mut gone = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (s, _, _) = send(&client, get(&kg.url("/x"), &[("x-api-key", &key)])).await;
+        if s == StatusCode::NOT_FOUND {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "route / still served after `keygate reload`");
+
+    // SIGTERM with a request in flight: it finishes, new connections are refused, exit 0.
+    let slow = {
+        let client = client.clone();
+        let url = kg.url("/c/slow?ms=1500");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let res = client.request(get(&url, &[("x-api-key", &key)])).await?;
+            let status = res.status();
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy = kg.proxy;
+    std::process::Command::new("kill")
+        .args(["-TERM", &kg.pid().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "the listener still accepts after SIGTERM"
+    );
+    let (status, body) = slow.await.unwrap().expect("the in-flight request finished");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"late");
+    let (code, log) = kg.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !dir.path().join("data/keygate.pid").exists(),
+        "pid file left behind"
+    );
+    assert!(!log.contains("up-secret"));
+}
