@@ -107,6 +107,7 @@ struct RawUpstream {
     response_header_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     http2: Option<bool>,
+    body_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +129,8 @@ struct RawServer {
     max_connections: Option<usize>,
     drain_timeout: Option<String>,
     worker_threads: Option<usize>,
+    max_uri_length: Option<usize>,
+    max_body_size: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +249,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Offer h2 by ALPN to upstreams (else http/1.1 only).
     pub http2: bool,
+    /// An upstream response body with no data for this long is cut (abnormal end).
+    pub body_idle_timeout: Duration,
 }
 
 /// What to do with a valid key that was seen in a cleartext request.
@@ -279,6 +284,10 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Runtime worker threads (default: one per core).
     pub worker_threads: Option<usize>,
+    /// Longer request targets get 414.
+    pub max_uri_length: usize,
+    /// Request bodies over this many bytes get 413 (declared) or are cut (streamed); none: no cap.
+    pub max_body_size: Option<u64>,
 }
 
 /// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
@@ -561,6 +570,11 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             Duration::from_secs(60),
         )?,
         http2: raw.upstream.http2.unwrap_or(true),
+        body_idle_timeout: c.duration(
+            "upstream.body_idle_timeout",
+            raw.upstream.body_idle_timeout,
+            Duration::from_secs(300),
+        )?,
     };
     let keys = KeysConfig {
         cache_ttl: c.duration(
@@ -632,6 +646,22 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         worker_threads: match raw.server.worker_threads {
             Some(n) if !(1..=256).contains(&n) => {
                 return Err(c.err("server.worker_threads", "must be between 1 and 256"))
+            }
+            n => n,
+        },
+        max_uri_length: match raw.server.max_uri_length {
+            Some(n) if !(256..=65_535).contains(&n) => {
+                return Err(c.err("server.max_uri_length", "must be between 256 and 65535"))
+            }
+            Some(n) => n,
+            None => 8192,
+        },
+        max_body_size: match raw.server.max_body_size {
+            Some(0) => {
+                return Err(c.err(
+                    "server.max_body_size",
+                    "must be at least 1 (omit it for no cap)",
+                ))
             }
             n => n,
         },

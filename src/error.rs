@@ -46,6 +46,12 @@ pub enum ProxyError {
     /// Any other failure talking to the upstream.
     #[error("upstream request failed")]
     Upstream(#[source] hyper_util::client::legacy::Error),
+    /// The request target is longer than `server.max_uri_length`.
+    #[error("request URI too long")]
+    UriTooLong(usize),
+    /// The declared body is larger than `server.max_body_size`.
+    #[error("request body too large")]
+    BodyTooLarge(u64),
     /// A bug or an impossible state; details only in the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -108,6 +114,14 @@ impl ProxyError {
                 tracing::warn!(error = %chain(e), "upstream request failed");
                 (StatusCode::BAD_GATEWAY, "upstream request failed".into())
             }
+            ProxyError::UriTooLong(max) => (
+                StatusCode::URI_TOO_LONG,
+                format!("request URI longer than {max} bytes").into(),
+            ),
+            ProxyError::BodyTooLarge(max) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {max} bytes").into(),
+            ),
             ProxyError::Internal(detail) => {
                 tracing::error!(detail = %detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())

@@ -36,4 +36,7 @@ pub mod store;
 pub mod tls;
 
 /// The body of every response keygate sends: a streamed upstream body, or a small full one.
-pub type Body = http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type Body = http_body_util::Either<
+    proxy::bodies::IdleGuard<hyper::body::Incoming>,
+    http_body_util::Full<bytes::Bytes>,
+>;

@@ -392,3 +392,92 @@ async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
     );
     assert!(!log.contains("up-secret"));
 }
+
+#[tokio::test]
+async fn uri_and_body_caps_and_the_body_idle_timeout() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(
+        &ca,
+        &[("/", &up.url(), "K")],
+        "body_idle_timeout = \"400ms\"\n[server]\nmax_body_size = 1000\nmax_uri_length = 1024\n",
+    )
+    .await;
+    let client = ca.client(false);
+    let key = kg.key.clone();
+
+    // 414 for a long target, 413 for a declared body over the cap: neither goes upstream.
+    let long = format!("/x?{}", "a".repeat(1100));
+    let (s, _, _) = send(&client, get(&kg.url(&long), &[("x-api-key", &key)])).await;
+    assert_eq!(s, StatusCode::URI_TOO_LONG);
+    let req = http::Request::post(kg.url("/upload"))
+        .header("x-api-key", &key)
+        .body(full(vec![b'x'; 2000]))
+        .unwrap();
+    let (s, _, body) = send(&client, req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{body:?}");
+    assert!(
+        up.recorded().is_empty(),
+        "an over-cap request reached the upstream"
+    );
+
+    // A streamed body (no Content-Length) over the cap is cut: the upstream never gets it whole.
+    let chunks = futures_util::stream::iter((0..4).map(|_| {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+            b'y';
+            400
+        ])))
+    }));
+    let req = http::Request::post(kg.url("/upload"))
+        .header("x-api-key", &key)
+        .body(http_body_util::BodyExt::boxed(
+            http_body_util::StreamBody::new(chunks),
+        ))
+        .unwrap();
+    let streamed = client_trusting(&ca.ca_file, false);
+    let outcome = streamed.request(req).await;
+    if let Ok(res) = outcome {
+        assert!(
+            res.status().is_server_error() || res.status().is_client_error(),
+            "a cut body was answered {}",
+            res.status()
+        );
+    }
+    assert!(
+        up.recorded().iter().all(|r| r.body.len() <= 1000),
+        "the upstream got more than the cap"
+    );
+
+    // Events 100 ms apart pass a 400 ms idle timeout, however many; a 700 ms stall is cut.
+    let res = client
+        .request(get(&kg.url("/sse?n=8&gap_ms=100"), &[("x-api-key", &key)]))
+        .await
+        .unwrap();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .expect("a healthy stream is not cut");
+    assert_eq!(
+        String::from_utf8_lossy(&body.to_bytes())
+            .matches("data: ")
+            .count(),
+        8
+    );
+    let res = client
+        .request(get(&kg.url("/sse?n=3&gap_ms=700"), &[("x-api-key", &key)]))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some());
+    let mut cut = false;
+    while let Some(f) = body.frame().await {
+        if f.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a stalled body ended cleanly instead of abnormally");
+    kg.stop().await;
+}

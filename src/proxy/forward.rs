@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::bodies::{Capped, IdleGuard};
 use super::inject::strip_hop_by_hop;
 use crate::config::{Route, UpstreamConfig};
 use crate::error::ProxyError;
@@ -26,12 +27,13 @@ use crate::tls::TlsError;
 use crate::Body;
 
 /// The body of an upstream request: the client's, streamed, or none (validation calls).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<Capped<Incoming>, Empty<Bytes>>;
 
 /// The pooled upstream client and its timeout.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     response_header_timeout: Duration,
+    body_idle_timeout: Duration,
 }
 
 impl Upstream {
@@ -66,6 +68,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             response_header_timeout: cfg.response_header_timeout,
+            body_idle_timeout: cfg.body_idle_timeout,
         })
     }
 
@@ -114,12 +117,13 @@ pub async fn forward(
     (_, route): (usize, &Route),
     secret: Option<&crate::secret::Secret>,
     mut req: Request<Incoming>,
+    max_body: Option<u64>,
 ) -> Result<Response<Body>, ProxyError> {
     let path = forwarded_path(route, req.uri());
     *req.uri_mut() = join_uri(route, path)?;
     // The client picks h1 or h2 per pooled connection; the request itself starts as 1.1.
     *req.version_mut() = Version::HTTP_11;
-    let req = req.map(Either::Left);
+    let req = req.map(|b| Either::Left(Capped::new(b, max_body)));
     let res = match tokio::time::timeout(up.response_header_timeout, up.client.request(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         Ok(Err(e)) => return Err(classify(e)),
@@ -131,7 +135,10 @@ pub async fn forward(
         remove_echoes(&mut parts.headers, secret.expose().as_bytes(), &route.name);
     }
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(IdleGuard::new(body, up.body_idle_timeout)),
+    ))
 }
 
 /// Removes every header whose value contains `needle`, and says so (never with the value).

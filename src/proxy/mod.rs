@@ -9,6 +9,7 @@
 //! in [`ProxyError::into_response`].
 
 pub mod authenticate;
+pub mod bodies;
 pub mod credentials;
 pub mod forward;
 pub mod inject;
@@ -64,6 +65,21 @@ async fn pipeline(
     peer: IpAddr,
     info: &mut AccessInfo,
 ) -> Result<Response<Body>, ProxyError> {
+    let server = &live.config.server;
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > server.max_uri_length {
+        return Err(ProxyError::UriTooLong(server.max_uri_length));
+    }
+    if let Some(max) = server.max_body_size {
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(ProxyError::BodyTooLarge(max));
+        }
+    }
     let host = routes::request_host(req.uri(), req.headers());
     let route = live
         .routes
@@ -78,7 +94,14 @@ async fn pipeline(
     let ratelimit = limit::limit(&live.limits, route, &grant)?;
     let added = inject::inject(&live.credentials, route, grant, &mut req)?;
     let sent = Instant::now();
-    let forwarded = forward::forward(&live.upstream, route, added.secret.as_ref(), req).await;
+    let forwarded = forward::forward(
+        &live.upstream,
+        route,
+        added.secret.as_ref(),
+        req,
+        server.max_body_size,
+    )
+    .await;
     info.upstream = Some(sent.elapsed());
     let mut res = forwarded?;
     res.headers_mut().insert("ratelimit", ratelimit);

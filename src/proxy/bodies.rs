@@ -1,0 +1,182 @@
+//! Body wrappers on the way through: a cap on request bodies of unknown length, and an idle
+//! timeout on upstream response bodies.
+//!
+//! Both end the body with an error, never with a clean end: hyper then ends the other side
+//! abnormally (h1: connection closed without the last chunk; h2: RST_STREAM), so a cut body is
+//! never mistaken for a complete one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a body was cut.
+#[derive(Debug, thiserror::Error)]
+pub enum Cut {
+    #[error("request body over the {0}-byte cap")]
+    TooLarge(u64),
+    #[error("upstream body idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// A request body that errors once more than `max` bytes went through (for bodies without a
+/// `Content-Length`; a declared length over the cap is refused with 413 before this).
+pub struct Capped<B> {
+    inner: B,
+    max: Option<u64>,
+    seen: u64,
+}
+
+impl<B> Capped<B> {
+    pub fn new(inner: B, max: Option<u64>) -> Self {
+        Capped {
+            inner,
+            max,
+            seen: 0,
+        }
+    }
+}
+
+impl<B> HttpBody for Capped<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(f))) => f,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let (Some(max), Some(d)) = (self.max, polled.data_ref()) {
+            self.seen += d.len() as u64;
+            if self.seen > max {
+                return Poll::Ready(Some(Err(Box::new(Cut::TooLarge(max)))));
+            }
+        }
+        Poll::Ready(Some(Ok(polled)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upstream response body that errors when no frame arrives for `idle`. Each frame
+/// restarts the clock, so a stream with regular events (SSE) is never cut, however long it
+/// lasts; a stalled one is.
+pub struct IdleGuard<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleGuard<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleGuard {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> HttpBody for IdleGuard<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let idle = self.idle;
+                    tracing::warn!(?idle, "upstream response body stalled; cutting it");
+                    Poll::Ready(Some(Err(Box::new(Cut::Idle(idle)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn stream(
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Unpin>
+    {
+        StreamBody::new(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+        })))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn regular_frames_are_never_cut_and_a_stall_is() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = IdleGuard::new(stream(rx), Duration::from_secs(10));
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(9)).await;
+            tx.send(Bytes::from_static(b"data: x\n\n")).await.unwrap();
+            let f = body.frame().await.unwrap().unwrap();
+            assert_eq!(f.data_ref().unwrap().len(), 9);
+        }
+        // 180 s of stream so far; now it stalls.
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("idle"), "{err}");
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn the_cap_errors_past_max() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = Capped::new(stream(rx), Some(10));
+        tx.send(Bytes::from_static(b"123456")).await.unwrap();
+        tx.send(Bytes::from_static(b"7890")).await.unwrap();
+        tx.send(Bytes::from_static(b"x")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.frame().await.unwrap().is_ok());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("10-byte cap"), "{err}");
+    }
+}
