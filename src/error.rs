@@ -49,9 +49,12 @@ pub enum ProxyError {
     /// The request target is longer than `server.max_uri_length`.
     #[error("request URI too long")]
     UriTooLong(usize),
-    /// The declared body is larger than `server.max_body_size`.
+    /// The body is larger than `server.max_body_size` (declared, or found while streaming).
     #[error("request body too large")]
     BodyTooLarge(u64),
+    /// The client's body broke off or had bad framing while it was being forwarded.
+    #[error("malformed or incomplete request body")]
+    BadRequestBody,
     /// A bug or an impossible state; details only in the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -121,6 +124,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge(max) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than {max} bytes").into(),
+            ),
+            ProxyError::BadRequestBody => (
+                StatusCode::BAD_REQUEST,
+                "the request body is malformed or incomplete".into(),
             ),
             ProxyError::Internal(detail) => {
                 tracing::error!(detail = %detail, "internal error");

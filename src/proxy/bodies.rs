@@ -7,6 +7,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ pub enum Cut {
     TooLarge(u64),
     #[error("upstream body idle for {0:?}")]
     Idle(Duration),
+    /// The client's own body failed: bad chunked framing, or the client went away mid-body.
+    #[error("the client's request body is malformed or incomplete")]
+    ClientBody(#[source] BoxError),
 }
 
 /// A request body that errors once more than `max` bytes went through (for bodies without a
@@ -30,14 +35,35 @@ pub struct Capped<B> {
     inner: B,
     max: Option<u64>,
     seen: u64,
+    failed: Arc<AtomicU8>,
+}
+
+/// What became of a request body, readable after the upstream request failed (over h2 the
+/// body's own error does not travel back in the request's error).
+#[derive(Clone, Default)]
+pub struct BodyOutcome(Arc<AtomicU8>);
+
+const FAILED_CLIENT: u8 = 1;
+const FAILED_TOO_LARGE: u8 = 2;
+
+impl BodyOutcome {
+    /// The 4xx the client's body deserves, if the body is what failed.
+    pub fn client_fault(&self, max: Option<u64>) -> Option<crate::error::ProxyError> {
+        match self.0.load(Ordering::Acquire) {
+            FAILED_CLIENT => Some(crate::error::ProxyError::BadRequestBody),
+            FAILED_TOO_LARGE => Some(crate::error::ProxyError::BodyTooLarge(max.unwrap_or(0))),
+            _ => None,
+        }
+    }
 }
 
 impl<B> Capped<B> {
-    pub fn new(inner: B, max: Option<u64>) -> Self {
+    pub fn new(inner: B, max: Option<u64>, outcome: &BodyOutcome) -> Self {
         Capped {
             inner,
             max,
             seen: 0,
+            failed: outcome.0.clone(),
         }
     }
 }
@@ -55,7 +81,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                self.failed.store(FAILED_CLIENT, Ordering::Release);
+                return Poll::Ready(Some(Err(Box::new(Cut::ClientBody(e.into())))));
+            }
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
@@ -63,6 +92,7 @@ where
         if let (Some(max), Some(d)) = (self.max, polled.data_ref()) {
             self.seen += d.len() as u64;
             if self.seen > max {
+                self.failed.store(FAILED_TOO_LARGE, Ordering::Release);
                 return Poll::Ready(Some(Err(Box::new(Cut::TooLarge(max)))));
             }
         }
@@ -170,7 +200,8 @@ mod tests {
     #[tokio::test]
     async fn the_cap_errors_past_max() {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut body = Capped::new(stream(rx), Some(10));
+        let outcome = BodyOutcome::default();
+        let mut body = Capped::new(stream(rx), Some(10), &outcome);
         tx.send(Bytes::from_static(b"123456")).await.unwrap();
         tx.send(Bytes::from_static(b"7890")).await.unwrap();
         tx.send(Bytes::from_static(b"x")).await.unwrap();
@@ -178,5 +209,9 @@ mod tests {
         assert!(body.frame().await.unwrap().is_ok());
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("10-byte cap"), "{err}");
+        assert!(matches!(
+            outcome.client_fault(Some(10)),
+            Some(crate::error::ProxyError::BodyTooLarge(10))
+        ));
     }
 }

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::bodies::{Capped, IdleGuard};
+use super::bodies::{BodyOutcome, Capped, IdleGuard};
 use super::inject::strip_hop_by_hop;
 use crate::config::{Route, UpstreamConfig};
 use crate::error::ProxyError;
@@ -123,10 +123,16 @@ pub async fn forward(
     *req.uri_mut() = join_uri(route, path)?;
     // The client picks h1 or h2 per pooled connection; the request itself starts as 1.1.
     *req.version_mut() = Version::HTTP_11;
-    let req = req.map(|b| Either::Left(Capped::new(b, max_body)));
+    let outcome = BodyOutcome::default();
+    let req = req.map(|b| Either::Left(Capped::new(b, max_body, &outcome)));
     let res = match tokio::time::timeout(up.response_header_timeout, up.client.request(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
-        Ok(Err(e)) => return Err(classify(e)),
+        // The client's body failed, not the upstream: answer as the client's error.
+        Ok(Err(e)) => {
+            return Err(outcome
+                .client_fault(max_body)
+                .unwrap_or_else(|| classify(e)))
+        }
         Ok(Ok(res)) => res,
     };
     let (mut parts, body) = res.into_parts();
