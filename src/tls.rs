@@ -126,7 +126,10 @@ impl Ca {
         );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, 825);
+        // Strict validators (sslyze, the `cryptography` package) refuse a leaf without it.
+        params.use_authority_key_identifier_extension = true;
+        // Browsers and Mozilla's TLS guidelines accept at most 398 days; 365 with renewal below.
+        set_validity(&mut params, SERVER_CERT_DAYS);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -148,7 +151,7 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<(DevCertPaths, bool), TlsError> {
         &paths.server_cert,
         &paths.server_key,
     ];
-    if all.iter().all(|p| p.exists()) {
+    if all.iter().all(|p| p.exists()) && !due_for_renewal(&paths.server_cert) {
         return Ok((paths, false));
     }
     fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
@@ -166,6 +169,19 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<(DevCertPaths, bool), TlsError> {
     write_file(&paths.server_key, key.as_bytes(), true)?;
     write_file(&paths.server_cert, cert.as_bytes(), false)?;
     Ok((paths, true))
+}
+
+/// Days a generated server certificate is valid.
+const SERVER_CERT_DAYS: i64 = 365;
+
+/// Whether the development server certificate was written more than 300 days ago (it is valid
+/// for 365): then it is issued again from the same CA, so clients that trust the CA carry on.
+fn due_for_renewal(cert: &Path) -> bool {
+    let age = fs::metadata(cert)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    age.is_some_and(|a| a > std::time::Duration::from_secs(300 * 86_400))
 }
 
 fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
