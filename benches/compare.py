@@ -10,9 +10,12 @@ It builds keygate and the two bench examples (release), makes a fresh work direc
 benches/results/tmp/run, generates the certificates with keygate's development CA, creates
 10,000 keys (plus one key with a quota of 1,000,000 r/s for the workloads that use one key),
 starts the upstream fixture (core 1), keygate, nginx and HAProxy (each on core 0, one worker
-thread each), checks that every proxy rewrites the credential headers, warms up, and then runs
-every workload on the tiers direct, keygate, nginx, HAProxy in turn, round after round. The
-memory workloads (W2-slow, W6) run last in a round, each on a freshly restarted process. Output:
+thread each; HAProxy in master-worker mode, -W, so that it can be reloaded), checks that every
+proxy rewrites the credential headers, warms up, and then runs every workload on the tiers
+direct, keygate, nginx, HAProxy in turn, round after round. W7 (4 reloads during a W1-h1
+load; not on the direct tier) runs after W1 on the long-running processes and leaves them
+serving an equivalent config. The memory workloads (W2-slow, W6) run last in a round, each on a
+freshly restarted process. Output:
 benches/results/latest.{json,md,svg}; scratch files in benches/results/tmp.
 
 Python 3.11 standard library only. Traffic goes to 127.0.0.1 only. Every process it starts is
@@ -65,15 +68,17 @@ LOAD_CORE = 1
 MODES = {
     "quick": dict(rounds=2, warmup_s=1, wrk_s=2, h2_s=2, rate_s=2, upload_s=1, handshake_s=1,
                   sse_events=60, slow_uploads=64, slow_bytes=1 << 20, idle_conns=600,
-                  budget_s=110),
+                  budget_s=180),  # W7 alone is ~30 s a round (3 tiers x 8 s + reload checks)
     "full": dict(rounds=5, warmup_s=3, wrk_s=10, h2_s=5, rate_s=4, upload_s=4, handshake_s=4,
                  sse_events=300, slow_uploads=64, slow_bytes=4 << 20, idle_conns=5000,
-                 budget_s=19 * 60),
+                 budget_s=23 * 60),
 }
 SSE_STREAMS = 20
 SSE_GAP_MS = 10
 SLOW_RATE = 1 << 20  # bytes per second the fixture reads each slow upload at
 FIXED_RATE = 5000    # requests per second of W1-rate (open loop)
+W7_RELOADS = 4       # reloads during W7, evenly spaced
+W7_MIN_QUICK_S = 8   # W7's load lasts the mode's W1 duration, but at least this in quick mode
 
 WORKLOADS = {
     "W1-h1": dict(title="W1 small GET, HTTP/1.1 over TLS, keep-alive",
@@ -86,6 +91,22 @@ WORKLOADS = {
                     load=f"oha -q {FIXED_RATE} --latency-correction (else h2load --h1 -c16 -m1 "
                          f"--rps {FIXED_RATE // 16}), one key; latency is the point",
                     tools=[], full_only=True),
+    "W7-reload": dict(title=f"W7 {W7_RELOADS} config / key-set reloads during a W1-h1 load",
+                      load=f"wrk -t1 -c64 (W1-h1: the next of 10,000 keys on each request, same "
+                           f"per-key limits) for the W1 duration (at least {W7_MIN_QUICK_S} s in "
+                           f"quick mode); {W7_RELOADS} reloads evenly spaced, on the long-running "
+                           f"processes. keygate: alternately a harmless config change (the "
+                           f"[limits] admin quota, put back by the third reload) + `keygate "
+                           f"reload`, and `keygate keys create` (a key-set change) + `keygate "
+                           f"reload`; each checked by the config generation in /readyz (and the "
+                           f"new key answering 200). nginx: SIGHUP to the master (nginx -s "
+                           f"reload), checked by a new worker pid. HAProxy: master-worker mode "
+                           f"(-W), SIGUSR2 to the master, checked by a new worker pid and the "
+                           f"master's \"Loading success\" (the next signal waits for it: one sent "
+                           f"while the re-executed master loads is lost). direct: no "
+                           f"proxy, not run. Errors (non-2xx/3xx answers + wrk socket errors) "
+                           f"are the figure that matters: the target is 0",
+                      tools=["wrk"]),
     "W2-upload": dict(title="W2 1 MiB POST upload, streamed",
                       load="wrk -t1 -c8 --latency, POST 1 MiB, 64 keys rotating",
                       tools=["wrk"]),
@@ -113,9 +134,13 @@ WORKLOADS = {
 }
 # These restart the process under test (fresh allocator) and so run last in each round.
 MEMORY_WORKLOADS = ("W2-slow", "W6-idle")
+# These do their own accounting (no CPU/RSS of the proxy pids around the run): the memory
+# workloads restart the process, and W7 replaces nginx's and HAProxy's workers mid-run.
+OWN_ACCOUNTING = MEMORY_WORKLOADS + ("W7-reload",)
+# Workloads without a proxy process to act on: not run on the direct tier.
+PROXY_ONLY = {"W7-reload": "no proxy to reload"}
 NOT_MEASURED = {
     "W4": "many keys (10k/100k/1M, Zipf): not measured by this harness",
-    "W7": "reloads under load: not measured by this harness",
 }
 
 # What each workload's table shows: (metric, header, format, higher_is_better or None).
@@ -150,6 +175,12 @@ COLUMNS = {
                    ("cpu_us_per_req", "CPU µs/handshake", "f0", False),
                    ("p50_ms", "p50 ms", "f2", False), ("p99_ms", "p99 ms", "f2", False),
                    ("proxy_cpu_pct", "proxy CPU %", "f0", None)],
+    "W7-reload": [("requests", "requests", "k", None), ("rps", "req/s", "k", True),
+                  ("reloads", "reloads done", "f0", None),
+                  ("reload_ms_max", "slowest reload ms", "f0", None),
+                  ("generation", "keygate generation", "f0", None),
+                  ("non_2xx", "non-2xx/3xx", "f0", None),
+                  ("socket_errors", "socket errors", "f0", None)],
     "W6-idle": [("kib_per_conn", "KiB/conn", "f2", False), ("rss_before_mib", "RSS before MiB", "f1", None),
                 ("rss_after_mib", "RSS after MiB", "f1", None),
                 ("cpu_us_per_conn", "CPU µs/conn", "f0", False), ("open_seconds", "open s", "f1", None)],
@@ -168,6 +199,8 @@ CHART = [
     ("W5-full", "rps", "W5 full TLS handshakes/s (generator-bound)", True),
     ("W5-full", "cpu_us_per_req", "W5 proxy CPU µs per full handshake + request", False),
     ("W6-idle", "kib_per_conn", "W6 KiB per idle TLS connection", False),
+    ("W7-reload", "errors", f"W7 errors during {W7_RELOADS} reloads under load (target 0)", False, "f0"),
+    ("W7-reload", "rps", f"W7 req/s during {W7_RELOADS} reloads (h1 TLS, wrk -c64)", True),
 ]
 COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#ff7f0e"}
 
@@ -617,8 +650,11 @@ class Bench:
         if tier == "direct":
             return []
         p = self.proc[tier]
-        if tier == "nginx":
-            return children(p.pid)  # the worker(s); the master only supervises
+        if tier in ("nginx", "haproxy"):
+            # The worker(s); the master only supervises (HAProxy runs master-worker, -W, so
+            # that W7 can reload it gracefully). Right after a reload an old worker may still
+            # be finishing its connections: it is counted too while it lives.
+            return children(p.pid)
         return [p.pid]
 
     def fixture_pids(self) -> list[int]:
@@ -759,6 +795,9 @@ inject = {{ ai_secret = "UP" }}
         return [self.tools["nginx"], "-e", str(WORK / "nginx-error.log"), "-p", str(WORK),
                 "-c", str(WORK / "nginx.conf")]
 
+    def haproxy_argv(self) -> list[str]:
+        return [self.tools["haproxy"], "-W", "-db", "-f", str(WORK / "haproxy.cfg")]
+
     def start_proxy(self, tier: str) -> None:
         lp = WORK / f"{tier}.log"
         if tier == "keygate":
@@ -766,17 +805,22 @@ inject = {{ ai_secret = "UP" }}
             p = self.procs.start("keygate", [str(KEYGATE), "--config", str(WORK / "keygate.toml"),
                                              "serve"], PROXY_CORE, lp, env=env)
             wait_for_line(p, lp, "proxy listening on", 30, "keygate")
-        elif tier == "nginx":
-            p = self.procs.start("nginx", self.nginx_argv() + ["-g", "daemon off;"], PROXY_CORE, lp)
-            wait_for_port(p, self.ports["nginx"], 15, "nginx", lp)
+        else:
+            if tier == "nginx":
+                p = self.procs.start("nginx", self.nginx_argv() + ["-g", "daemon off;"],
+                                     PROXY_CORE, lp)
+            else:
+                # Master-worker mode (-W; -db keeps the master in the foreground, as the child
+                # of the harness): SIGUSR2 to the master reloads gracefully (W7). The worker
+                # does the work and is what pids() measures, as for nginx.
+                p = self.procs.start("haproxy", self.haproxy_argv(), PROXY_CORE, lp)
+            wait_for_port(p, self.ports[tier], 15, tier, lp)
             for _ in range(100):  # the worker is forked after the listener opens
                 if children(p.pid):
                     break
                 time.sleep(0.05)
-        else:
-            p = self.procs.start("haproxy", [self.tools["haproxy"], "-db", "-f",
-                                             str(WORK / "haproxy.cfg")], PROXY_CORE, lp)
-            wait_for_port(p, self.ports["haproxy"], 15, "haproxy", lp)
+            else:
+                raise RuntimeError(f"{tier}: no worker process 5 s after its port opened; log {lp}")
         self.proc[tier] = p
 
     def fresh(self, tier: str):
@@ -837,9 +881,12 @@ inject = {{ ai_secret = "UP" }}
     def lua(self) -> str:
         return str(TEMPLATES / "rotate_keys.lua")
 
-    def wrk(self, tier: str, conns: int, secs: int, path: str, extra: list[str]) -> tuple[dict, str]:
-        argv = [self.tools["wrk"], "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "--timeout", "5s",
+    def wrk_argv(self, tier: str, conns: int, secs: int, path: str, extra: list[str]) -> list[str]:
+        return [self.tools["wrk"], "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "--timeout", "5s",
                 "-s", self.lua(), self.url(tier, path), "--", str(WORK / "keys.txt")] + extra
+
+    def wrk(self, tier: str, conns: int, secs: int, path: str, extra: list[str]) -> tuple[dict, str]:
+        argv = self.wrk_argv(tier, conns, secs, path, extra)
         r = self.procs.run(argv, LOAD_CORE, secs + 30)
         out = r.stdout.decode(errors="replace")
         if r.returncode:
@@ -1113,6 +1160,223 @@ inject = {{ ai_secret = "UP" }}
         return m, (f"Python TLS client, {nthreads} threads: {n} connections (TLS session resumed "
                    f"after the first), one GET each (one key), kept open; RSS of {m['process']}")
 
+    # ---- W7: reloads under load
+
+    def kg_readyz(self) -> dict:
+        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...}}."""
+        status, body = http_get(self.ports["keygate_admin"], self.ctx, "/readyz", None, timeout=3.0)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise RuntimeError(f"/readyz answered {status}: {body[:200]!r}") from None
+
+    def kg_generation(self) -> int:
+        return int(self.kg_readyz()["config"]["generation"])
+
+    def kg_config_state(self) -> tuple[int, str | None]:
+        """(config generation, the last reload's refusal or None), from /readyz."""
+        cfg = self.kg_readyz()["config"]
+        return int(cfg["generation"]), cfg.get("last_reload_error")
+
+    def kg_cli(self, args: list[str], timeout: float = 30) -> str:
+        """A keygate command on the bench config (on the harness's core, as the load generator)."""
+        env = dict(os.environ, KEYGATE_LOG="warn")
+        r = self.procs.run([str(KEYGATE), "--config", str(WORK / "keygate.toml")] + args, None,
+                           timeout, env=env)
+        if r.returncode:
+            raise RuntimeError(f"keygate {' '.join(args[:2])} exited {r.returncode}: "
+                               f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+        return r.stdout.decode(errors="replace")
+
+    def kg_reload(self, t0: float, state0: tuple[int, str | None]) -> dict:
+        """`keygate reload`, then wait (<= 10 s) for /readyz to show a newer generation (state0:
+        kg_config_state() before). ms: from t0 to the new generation seen; cli_ms: the
+        `keygate reload` command alone (it checks the file, then signals the server)."""
+        gen0, err0 = state0
+        self.kg_cli(["reload"])
+        cli_ms = round(1000 * (time.monotonic() - t0), 1)
+        deadline = time.monotonic() + 10
+        while True:
+            cfg = self.kg_readyz()["config"]
+            if cfg["generation"] > gen0:
+                if cfg.get("last_reload_error"):
+                    raise RuntimeError(f"reload error: {cfg['last_reload_error']}")
+                return {"ok": True, "generation": cfg["generation"],
+                        "ms": round(1000 * (time.monotonic() - t0), 1), "cli_ms": cli_ms,
+                        "needs_restart": cfg.get("needs_restart") or []}
+            if cfg.get("last_reload_error") and cfg["last_reload_error"] != err0:
+                raise RuntimeError(f"reload refused: {cfg['last_reload_error']}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"generation still {cfg['generation']} 10 s after `keygate "
+                                   f"reload` (last reload error: {cfg.get('last_reload_error')})")
+            time.sleep(0.05)
+
+    def kg_config_text(self, changed: bool) -> str:
+        """The bench config, or the same with a harmless change (the admin quota; the proxy
+        plane does not use it)."""
+        text = self.w7_original_cfg
+        if not changed:
+            return text
+        old = "admin = { per_second = 100000, burst = 100000 }"
+        if old not in text:
+            raise RuntimeError("keygate.toml: the [limits] admin line to change was not found")
+        return text.replace(old, "admin = { per_second = 99999, burst = 100000 }  "
+                                 "# W7: a harmless change, put back by the next config reload")
+
+    def reload_once(self, tier: str, i: int) -> dict:
+        """The i-th reload of W7 on the tier; returns what happened (raises on a failure)."""
+        t0 = time.monotonic()
+        if tier == "keygate":
+            state0 = self.kg_config_state()
+            if i % 2 == 0:
+                self.w7_cfg_changed = not self.w7_cfg_changed
+                (WORK / "keygate.toml").write_text(self.kg_config_text(self.w7_cfg_changed))
+                res = self.kg_reload(t0, state0)
+                res["kind"] = "config " + ("changed" if self.w7_cfg_changed else "put back")
+                return res
+            key = self.kg_cli(["keys", "create", "--name", f"w7-reload-{i + 1}"]).strip()
+            if not key.startswith("sk-"):
+                raise RuntimeError("keys create printed no key")
+            created_ms = round(1000 * (time.monotonic() - t0), 1)
+            res = self.kg_reload(time.monotonic(), state0)
+            res.update(kind="key created", keys_create_ms=created_ms)
+            # The key-set change took effect: the new key is accepted (the server reads the
+            # store's key revision every 250 ms).
+            deadline = time.monotonic() + 3
+            while True:
+                status, _ = http_get(self.port[tier], self.ctx, "/", key, timeout=3.0)
+                if status == 200:
+                    res["new_key_ms"] = round(1000 * (time.monotonic() - t0), 1)
+                    return res
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the new key still gets {status} 3 s after it was created")
+                time.sleep(0.05)
+        master = self.proc[tier].pid
+        before = set(children(master))
+        sig = signal.SIGHUP if tier == "nginx" else signal.SIGUSR2
+        # HAProxy's master re-executes itself on SIGUSR2, and a SIGUSR2 that arrives before
+        # the new master has finished loading is lost: a reload is done when the master logs
+        # "Loading success." (a new worker is forked a little before that).
+        lp = WORK / f"{tier}.log"
+        off = lp.stat().st_size if lp.exists() else 0
+        os.kill(master, sig)
+        deadline = time.monotonic() + 15
+        while True:
+            new = set(children(master)) - before
+            loaded = True
+            if tier == "haproxy":
+                with open(lp, "rb") as f:
+                    f.seek(off)
+                    text = f.read().decode(errors="replace")
+                if "Loading failure" in text:
+                    raise RuntimeError(f"HAProxy: {text.strip()[-300:]}")
+                loaded = "Loading success" in text
+            if new and loaded:
+                return {"ok": True, "kind": f"{signal.Signals(sig).name} to the master",
+                        "ms": round(1000 * (time.monotonic() - t0), 1),
+                        "old_workers": sorted(before), "new_workers": sorted(new)}
+            if self.proc[tier].poll() is not None:
+                raise RuntimeError(f"the {tier} master exited ({self.proc[tier].returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tier}: no new worker (or not loaded) 15 s after "
+                                   f"{signal.Signals(sig).name}")
+            time.sleep(0.02)
+
+    def kg_restore(self) -> None:
+        """Puts keygate's config back as it was before W7 (after a failure midway)."""
+        if not self.w7_cfg_changed:
+            return
+        (WORK / "keygate.toml").write_text(self.w7_original_cfg)
+        self.w7_cfg_changed = False
+        self.kg_reload(time.monotonic(), self.kg_config_state())
+        self.note("W7: keygate's config was put back by an extra reload after the workload")
+
+    def w7_reload(self, tier: str) -> tuple[dict, str]:
+        """A W1-h1 load (wrk -c64, 10,000 keys rotating) with W7_RELOADS reloads evenly spaced
+        (at 1/5, 2/5, ... of the duration), on the long-running processes."""
+        secs = self.mode["wrk_s"]
+        if self.args.quick:
+            secs = max(secs, W7_MIN_QUICK_S)
+        if tier == "keygate":
+            self.w7_original_cfg = (WORK / "keygate.toml").read_text()
+            self.w7_cfg_changed = False
+            gen_start = self.kg_generation()
+        argv = self.wrk_argv(tier, 64, secs, "/", ["GET", "0"])
+        lp = TMP / f"w7-wrk-{tier}.log"
+        lp.unlink(missing_ok=True)
+        reloads: list[dict] = []
+        p = self.procs.start("wrk (W7)", argv, LOAD_CORE, lp)
+        t0 = time.monotonic()
+        try:
+            for i in range(W7_RELOADS):
+                delay = t0 + secs * (i + 1) / (W7_RELOADS + 1) - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                entry: dict = {"n": i + 1, "at_s": round(time.monotonic() - t0, 2)}
+                if p.poll() is not None:
+                    entry.update(ok=False, error=f"wrk ended early (exit {p.returncode})")
+                    reloads.append(entry)
+                    break
+                try:
+                    entry.update(self.reload_once(tier, i))
+                except Exception as e:
+                    entry.update(ok=False, error=f"{type(e).__name__}: {e}")
+                reloads.append(entry)
+                log(f"    W7 {tier} reload {i + 1} at {entry['at_s']:.2f} s: "
+                    + (f"{entry.get('kind')}, applied in {entry.get('ms')} ms"
+                       + (f" (the command: {entry['cli_ms']} ms)" if "cli_ms" in entry else "")
+                       + (f", generation {entry['generation']}" if "generation" in entry else "")
+                       + (f", workers {entry.get('old_workers')} -> {entry.get('new_workers')}"
+                          if "new_workers" in entry else "")
+                       if entry.get("ok") else f"FAILED: {entry.get('error')}"))
+            try:
+                p.wait(timeout=max(1.0, t0 + secs + 30 - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"wrk overran {secs + 30} s") from None
+        finally:
+            if p.poll() is None:
+                self.procs.stop(p, grace=1.0)
+            self.procs.forget(p)
+            if tier == "keygate":
+                self.kg_restore()
+        out = lp.read_text(errors="replace")
+        if p.returncode:
+            raise RuntimeError(f"wrk exited {p.returncode}: {out[-500:]}")
+        m = dict(parse_wrk(out), load_s=secs)
+        r = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s|m|h)\b", out, re.M)
+        m["max_ms"] = float(r.group(1)) * UNIT_MS[r.group(2)] if r else None
+        ok = [e for e in reloads if e.get("ok")]
+        m["reloads"] = len(ok)
+        m["reloads_wanted"] = W7_RELOADS
+        m["reloads_failed"] = len(reloads) - len(ok)
+        m["reload_ms_max"] = max((e["ms"] for e in ok), default=None)
+        m["reload_log"] = reloads
+        if m["reloads_failed"] or len(reloads) < W7_RELOADS:
+            m["error_messages"] = [f"reload {e['n']}: {e['error']}" for e in reloads
+                                   if not e.get("ok")][:3] or ["fewer reloads than planned"]
+        if tier == "keygate":
+            m["generation_start"] = gen_start
+            m["generation"] = self.kg_generation()
+            m["generations"] = [e.get("generation") for e in reloads]
+            if m["generation"] - gen_start < len(ok):
+                self.note(f"W7: keygate's generation went from {gen_start} to {m['generation']} "
+                          f"over {len(ok)} reloads")
+        else:
+            # Before the next workload: the old workers have finished their connections (wrk
+            # has ended) and exited, so that pids() measures the new worker alone.
+            master = self.proc[tier].pid
+            deadline = time.monotonic() + 15
+            while len(children(master)) > 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            m["workers_after"] = len(children(master))
+            if m["workers_after"] != 1:
+                self.note(f"W7 on {tier}: {m['workers_after']} worker processes 15 s after the "
+                          f"load ended (old workers still draining?)")
+        cmd = shlex.join(self.procs.argv(argv, LOAD_CORE))
+        how = {"keygate": "keygate --config keygate.toml reload (after a config edit or keys create)",
+               "nginx": "kill -HUP <nginx master>", "haproxy": "kill -USR2 <haproxy master (-W)>"}
+        return m, f"{cmd}  + {W7_RELOADS} x {how[tier]}"
+
     # ---- running
 
     def note(self, msg: str) -> None:
@@ -1160,9 +1424,9 @@ inject = {{ ai_secret = "UP" }}
         fn = {"W1-h1": self.w1_h1, "W1-h2": self.w1_h2, "W1-rate": self.w1_rate,
               "W2-upload": self.w2_upload, "W2-slow": self.w2_slow, "W3-sse": self.w3_sse,
               "W5-full": self.w5_full, "W5-resumed": self.w5_resumed,
-              "W6-idle": self.w6_idle}[workload]
+              "W6-idle": self.w6_idle, "W7-reload": self.w7_reload}[workload]
         self.check_alive(f"before {workload} on {tier}, round {rnd}")
-        own = workload in MEMORY_WORKLOADS  # these restart the process and account for themselves
+        own = workload in OWN_ACCOUNTING  # these replace the process(es) and account for themselves
         pids = [] if own else self.pids(tier)
         fpids = [] if own else self.fixture_pids()
         c0, f0, t0 = cpu_us(pids), cpu_us(fpids), time.monotonic()
@@ -1238,6 +1502,11 @@ inject = {{ ai_secret = "UP" }}
             log(f"round {rnd}/{self.args.rounds}")
             for w in workloads:
                 for tier in tiers:
+                    if tier == "direct" and w in PROXY_ONLY:
+                        if rnd == 1:
+                            self.skipped.append({"workload": w, "tier": tier,
+                                                 "reason": PROXY_ONLY[w]})
+                        continue
                     if time.monotonic() - self.started_at > budget:
                         self.skipped.append({"workload": w, "tier": tier, "round": rnd,
                                              "reason": f"time budget of {budget} s used up"})
@@ -1323,7 +1592,7 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
     L.append("Each cell: median over the rounds (min–max). Ratios are keygate ÷ peer, taken round "
              "by round (the tiers run interleaved, one at a time), then median (min–max); for "
              "req/s higher is better for keygate, for CPU, latency and memory lower is. "
-             "CPU is utime+stime of the proxy process (nginx: its worker) per request; "
+             "CPU is utime+stime of the proxy process (nginx, HAProxy: the worker) per request; "
              "\"fixture µs/req\" is the upstream's own cost. Errors are summed over the rounds "
              "(non-2xx/3xx answers + socket errors; must be 0). keygate talks HTTP/2 to the "
              "fixture (it offers h2 by ALPN), nginx and HAProxy HTTP/1.1 (their configs in "
@@ -1398,6 +1667,8 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
                 L.append(f"| {peer} | " + " | ".join(
                     (med_range(r.get(c[0], []), "f2") + ("×" if r.get(c[0]) else ""))
                     for c in rcols) + " |")
+        if wname == "W7-reload":
+            L.extend(w7_details(measurements))
         L.append("")
     if skipped or failed:
         L.append("## Skipped or failed")
@@ -1424,6 +1695,35 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
     path.write_text("\n".join(L))
 
 
+def w7_details(measurements: list) -> list[str]:
+    """W7: what each reload was, when, how long it took to apply, and the errors per round."""
+    L = ["", "Reloads (time into the load: what, trigger → applied):", ""]
+    for rec in sorted((r for r in measurements if r["workload"] == "W7-reload"),
+                      key=lambda r: (r["round"], TIERS.index(r["tier"]))):
+        m = rec.get("metrics")
+        if not m:
+            continue
+        parts = []
+        for e in m.get("reload_log", []):
+            if e.get("ok"):
+                txt = f"{e['at_s']:.1f} s {e.get('kind', '')} {e['ms']:.0f} ms"
+                if "generation" in e:
+                    txt += f" → gen {e['generation']}"
+                parts.append(txt)
+            else:
+                parts.append(f"{e['at_s']:.1f} s **failed**: {e.get('error', '')[:120]}")
+        errs = m.get("errors", 0)
+        detail = m.get("socket_errors_detail") or {}
+        sock = ", ".join(f"{k} {v}" for k, v in detail.items() if v)
+        tail = (f"{errs} errors in {m.get('requests', 0)} requests"
+                + (f" (non-2xx {m.get('non_2xx', 0)}; socket: {sock})" if errs else "")
+                + (f", max latency {m['max_ms']:.0f} ms" if m.get("max_ms") is not None else ""))
+        gen = f", final generation {m['generation']}" if "generation" in m else ""
+        L.append(f"- round {rec['round']}, {rec['tier']}: {m.get('reloads', 0)}/"
+                 f"{m.get('reloads_wanted', W7_RELOADS)} reloads ({'; '.join(parts)}){gen}; {tail}")
+    return L
+
+
 def svg_escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -1448,7 +1748,7 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
         x = legend_x + i * 90
         o.append(f'<rect x="{x}" y="20" width="12" height="12" fill="{COLORS[t]}"/>'
                  f'<text x="{x + 16}" y="30">{t}</text>')
-    for i, (wname, metric, label, higher) in enumerate(panels):
+    for i, (wname, metric, label, higher, *how) in enumerate(panels):
         px, py = 20 + (i % cols) * (pw + 20), 64 + (i // cols) * (ph + 16)
         tiers = summary[wname]["tiers"]
         vals = {t: [v for v in tiers.get(t, {}).get(metric, []) if v is not None] for t in TIERS}
@@ -1463,7 +1763,9 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
             o.append(f'<text x="{bx - 6}" y="{y + 14}" text-anchor="end">{t}</text>')
             v = vals[t]
             if not v:
-                why = "n/a (no proxy process)" if t == "direct" and metric.startswith("cpu") else "not measured"
+                why = ("n/a (no proxy process)" if t == "direct" and metric.startswith("cpu")
+                       else f"n/a ({PROXY_ONLY[wname]})" if t == "direct" and wname in PROXY_ONLY
+                       else "not measured")
                 o.append(f'<text x="{bx + 4}" y="{y + 14}" fill="#999">{why}</text>')
                 continue
             med = statistics.median(v)
@@ -1475,10 +1777,13 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
                          f'stroke="black" stroke-width="1.5"/>'
                          f'<line x1="{x0:.1f}" y1="{y + 6}" x2="{x0:.1f}" y2="{y + 16}" stroke="black"/>'
                          f'<line x1="{x1:.1f}" y1="{y + 6}" x2="{x1:.1f}" y2="{y + 16}" stroke="black"/>')
-            text = f"{med / 1000:.1f}k" if med >= 10_000 else (f"{med:.0f}" if med >= 100 else f"{med:.2f}")
+            if how:
+                text = fmt(med, how[0])
+            else:
+                text = f"{med / 1000:.1f}k" if med >= 10_000 else (f"{med:.0f}" if med >= 100 else f"{med:.2f}")
             o.append(f'<text x="{bx + bw + 6}" y="{y + 14}">{text}</text>')
             errs = tiers.get(t, {}).get("_errors", 0) + tiers.get(t, {}).get("_failed", 0)
-            if errs:
+            if errs and metric != "errors":  # (the errors panel shows them as its bars)
                 o.append(f'<text x="{bx + 4}" y="{y + 15}" fill="#d62728" font-weight="bold">'
                          f'{errs} errors</text>')
         # keygate ÷ each peer: the median of the per-round ratios
@@ -1515,9 +1820,9 @@ def git(*args: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds, short runs (< 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, short runs (< 3 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
-    ap.add_argument("--only", help="workloads, e.g. W1,W3 or W1-h2 (W4 and W7 are not measured here)")
+    ap.add_argument("--only", help="workloads, e.g. W1,W3,W7 or W1-h2 (W4 is not measured here)")
     ap.add_argument("--tiers", default=",".join(TIERS), help="default: direct,keygate,nginx,haproxy")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
     ap.add_argument("--no-restart", action="store_true",
@@ -1543,7 +1848,7 @@ def main() -> int:
         args.only = [o.strip() for o in args.only.split(",") if o.strip()]
         bad = [o for o in args.only if o.lower() not in names]
         if bad:
-            ap.error(f"unknown workloads {bad}; choose from W1,W2,W3,W5,W6 or {', '.join(WORKLOADS)}")
+            ap.error(f"unknown workloads {bad}; choose from W1,W2,W3,W5,W6,W7 or {', '.join(WORKLOADS)}")
         args.only = [names[o.lower()] for o in args.only]
         for o in args.only:
             if o in NOT_MEASURED:
