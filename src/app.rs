@@ -62,7 +62,11 @@ pub struct Live {
     pub routes: RouteTable,
     pub credentials: Credentials,
     pub limits: Limiters,
-    pub upstream: Upstream,
+    /// Shared with the next config when its `[upstream]` and CA file are unchanged: pooled
+    /// connections stay.
+    pub upstream: Arc<Upstream>,
+    /// The upstream CA file's content when this upstream client was built.
+    upstream_ca: Option<Vec<u8>>,
     pub tls: TlsAcceptor,
     /// Counts reloads: 0 for the config keygate started with.
     pub generation: u64,
@@ -153,7 +157,12 @@ impl AppState {
         let tls = TlsAcceptor::from(
             crate::tls::server_config(&cert.cert, &cert.key).map_err(|e| e.to_string())?,
         );
-        let upstream = Upstream::new(&config.upstream).map_err(|e| e.to_string())?;
+        let upstream_ca = read_ca(&config);
+        let upstream = if config.upstream == old.config.upstream && upstream_ca == old.upstream_ca {
+            old.upstream.clone()
+        } else {
+            Arc::new(Upstream::new(&config.upstream).map_err(|e| e.to_string())?)
+        };
         let credentials = {
             let store = self.store.clone();
             let routes = config.routes.clone();
@@ -171,6 +180,7 @@ impl AppState {
             credentials,
             upstream,
             tls,
+            upstream_ca,
             generation: old.generation + 1,
             config: Arc::new(config),
         };
@@ -360,7 +370,8 @@ pub async fn start(
             routes: RouteTable::new(&config.routes),
             credentials,
             limits: Limiters::new(&config.limits, &config.routes),
-            upstream,
+            upstream: Arc::new(upstream),
+            upstream_ca: read_ca(&config),
             tls,
             generation: 0,
             config: config.clone(),
@@ -472,6 +483,14 @@ async fn poll_store(
             }
         }
     }
+}
+
+fn read_ca(config: &Config) -> Option<Vec<u8>> {
+    config
+        .upstream
+        .ca_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
 }
 
 /// The settings a reload cannot apply to a running keygate (they shape listeners, the store

@@ -240,7 +240,7 @@ pub struct StoreConfig {
 }
 
 /// How keygate talks to upstreams.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// An extra CA trusted besides the system roots.
     pub ca_file: Option<PathBuf>,
