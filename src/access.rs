@@ -96,12 +96,17 @@ impl<B> Drop for LoggedBody<B> {
                 key_id = key_id.as_deref().unwrap_or("-"),
                 status = l.status,
                 bytes = l.bytes,
-                duration_ms = l.pending.started.elapsed().as_secs_f64() * 1e3,
-                upstream_ms = l.info.upstream.map(|d| d.as_secs_f64() * 1e3),
+                duration_ms = millis(l.pending.started.elapsed()),
+                upstream_ms = l.info.upstream.map(millis),
                 complete = l.complete,
             );
         }
     }
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
 }
 
 impl<B> HttpBody for LoggedBody<B>
@@ -115,11 +120,15 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Some(l) = self.log.as_mut() {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = this.inner.is_end_stream();
+        if let Some(l) = this.log.as_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     l.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    // hyper stops polling a body that says it has ended.
+                    l.complete = ended;
                 }
                 Poll::Ready(None) => l.complete = true,
                 _ => {}

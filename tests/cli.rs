@@ -183,6 +183,22 @@ async fn fresh_directory_end_to_end_at_trace_level_leaks_nothing() {
         assert!(!log.contains(needle), "the {what} appears in the log");
     }
     assert!(log.contains("flagged as exposed"), "leak event not logged");
+    // One access line per request, with the key's id (never the key), route, status and sizes.
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("keygate::access"))
+        .collect();
+    assert!(
+        access.iter().any(|l| l.contains("plane=\"proxy\"")
+            && l.contains("status=201")
+            && l.contains("key_id=")
+            && !l.contains("key_id=\"-\"")
+            && l.contains("bytes=")
+            && l.contains("upstream_ms=")
+            && l.contains("complete=true")),
+        "no complete proxy access line in:\n{}",
+        access.join("\n")
+    );
 }
 
 #[tokio::test]
