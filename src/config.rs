@@ -131,6 +131,7 @@ struct RawServer {
     worker_threads: Option<usize>,
     max_uri_length: Option<usize>,
     max_body_size: Option<u64>,
+    body_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +289,9 @@ pub struct ServerConfig {
     pub max_uri_length: usize,
     /// Request bodies over this many bytes get 413 (declared) or are cut (streamed); none: no cap.
     pub max_body_size: Option<u64>,
+    /// A client that leaves the upstream waiting this long for the next piece of its request
+    /// body gets 408 and the upstream request is aborted.
+    pub body_idle_timeout: Duration,
 }
 
 /// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
@@ -665,6 +669,11 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             }
             n => n,
         },
+        body_idle_timeout: c.duration(
+            "server.body_idle_timeout",
+            raw.server.body_idle_timeout,
+            Duration::from_secs(60),
+        )?,
     };
     let limits = LimitsConfig {
         default: c.limit("limits.default", raw.limits.default, (10.0, 20))?,

@@ -52,6 +52,9 @@ pub enum ProxyError {
     /// The body is larger than `server.max_body_size` (declared, or found while streaming).
     #[error("request body too large")]
     BodyTooLarge(u64),
+    /// The client left the upstream waiting for body data longer than the idle timeout.
+    #[error("request body timed out")]
+    BodyTimeout,
     /// The client's body broke off or had bad framing while it was being forwarded.
     #[error("malformed or incomplete request body")]
     BadRequestBody,
@@ -124,6 +127,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge(max) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than {max} bytes").into(),
+            ),
+            ProxyError::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped arriving".into(),
             ),
             ProxyError::BadRequestBody => (
                 StatusCode::BAD_REQUEST,

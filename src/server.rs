@@ -233,6 +233,10 @@ impl Conn {
                 .max_send_buf_size(64 * 1024)
                 .initial_stream_window_size(256 * 1024)
                 .max_header_list_size(32 * 1024)
+                // Dead peers (a vanished laptop, a dropped NAT entry) are found by PING and
+                // closed, instead of holding their streams and buffers forever.
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
                 .serve_connection(io, svc);
             Box::pin(drive(Box::pin(conn), shutdown, peer, self._permit))
         } else {

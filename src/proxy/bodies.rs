@@ -27,6 +27,9 @@ pub enum Cut {
     /// The client's own body failed: bad chunked framing, or the client went away mid-body.
     #[error("the client's request body is malformed or incomplete")]
     ClientBody(#[source] BoxError),
+    /// The client sent no body data for this long while the upstream waited for it.
+    #[error("request body idle for {0:?}")]
+    ClientIdle(Duration),
 }
 
 /// A request body that errors once more than `max` bytes went through (for bodies without a
@@ -36,6 +39,11 @@ pub struct Capped<B> {
     max: Option<u64>,
     seen: u64,
     failed: Arc<AtomicU8>,
+    idle: Duration,
+    /// Runs only while the upstream side waits on the client: started when a poll first finds
+    /// no data (created then, the first time), never while nobody polls (upstream backpressure).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
 }
 
 /// What became of a request body, readable after the upstream request failed (over h2 the
@@ -45,6 +53,7 @@ pub struct BodyOutcome(Arc<AtomicU8>);
 
 const FAILED_CLIENT: u8 = 1;
 const FAILED_TOO_LARGE: u8 = 2;
+const FAILED_IDLE: u8 = 3;
 
 impl BodyOutcome {
     /// The 4xx the client's body deserves, if the body is what failed.
@@ -52,18 +61,24 @@ impl BodyOutcome {
         match self.0.load(Ordering::Acquire) {
             FAILED_CLIENT => Some(crate::error::ProxyError::BadRequestBody),
             FAILED_TOO_LARGE => Some(crate::error::ProxyError::BodyTooLarge(max.unwrap_or(0))),
+            FAILED_IDLE => Some(crate::error::ProxyError::BodyTimeout),
             _ => None,
         }
     }
 }
 
 impl<B> Capped<B> {
-    pub fn new(inner: B, max: Option<u64>, outcome: &BodyOutcome) -> Self {
+    /// `max`: the byte cap; `idle`: how long the client may leave the upstream waiting for
+    /// the next piece of body.
+    pub fn new(inner: B, max: Option<u64>, idle: Duration, outcome: &BodyOutcome) -> Self {
         Capped {
             inner,
             max,
             seen: 0,
             failed: outcome.0.clone(),
+            idle,
+            timer: None,
+            waiting: false,
         }
     }
 }
@@ -87,8 +102,25 @@ where
             }
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                let idle = self.idle;
+                let deadline = tokio::time::Instant::now() + idle;
+                let start = !std::mem::replace(&mut self.waiting, true);
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if start {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.failed.store(FAILED_IDLE, Ordering::Release);
+                    return Poll::Ready(Some(Err(Box::new(Cut::ClientIdle(idle)))));
+                }
+                return Poll::Pending;
+            }
         };
+        // Data came: the next wait starts a fresh clock.
+        self.waiting = false;
         if let (Some(max), Some(d)) = (self.max, polled.data_ref()) {
             self.seen += d.len() as u64;
             if self.seen > max {
@@ -197,11 +229,48 @@ mod tests {
         drop(tx);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_body_that_stalls_is_cut_and_a_slow_one_is_not() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let outcome = BodyOutcome::default();
+        let mut body = Capped::new(stream(rx), None, Duration::from_secs(5), &outcome);
+        for _ in 0..10 {
+            let send = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                send.send(Bytes::from_static(b"x")).await.unwrap();
+            });
+            assert!(
+                body.frame().await.unwrap().is_ok(),
+                "a byte every 4 s was cut"
+            );
+        }
+        // Nobody polls for a long while (upstream backpressure): that is not the client's idle
+        // time. Data already sent by then is read without a cut.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let send = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            send.send(Bytes::from_static(b"x")).await.unwrap();
+        });
+        assert!(
+            body.frame().await.unwrap().is_ok(),
+            "cut for the upstream's pause"
+        );
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert!(matches!(
+            outcome.client_fault(None),
+            Some(crate::error::ProxyError::BodyTimeout)
+        ));
+        drop(tx);
+    }
+
     #[tokio::test]
     async fn the_cap_errors_past_max() {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let outcome = BodyOutcome::default();
-        let mut body = Capped::new(stream(rx), Some(10), &outcome);
+        let mut body = Capped::new(stream(rx), Some(10), Duration::from_secs(60), &outcome);
         tx.send(Bytes::from_static(b"123456")).await.unwrap();
         tx.send(Bytes::from_static(b"7890")).await.unwrap();
         tx.send(Bytes::from_static(b"x")).await.unwrap();

@@ -117,14 +117,14 @@ pub async fn forward(
     (_, route): (usize, &Route),
     secret: Option<&crate::secret::Secret>,
     mut req: Request<Incoming>,
-    max_body: Option<u64>,
+    (max_body, body_idle): (Option<u64>, Duration),
 ) -> Result<Response<Body>, ProxyError> {
     let path = forwarded_path(route, req.uri());
     *req.uri_mut() = join_uri(route, path)?;
     // The client picks h1 or h2 per pooled connection; the request itself starts as 1.1.
     *req.version_mut() = Version::HTTP_11;
     let outcome = BodyOutcome::default();
-    let req = req.map(|b| Either::Left(Capped::new(b, max_body, &outcome)));
+    let req = req.map(|b| Either::Left(Capped::new(b, max_body, body_idle, &outcome)));
     let res = match tokio::time::timeout(up.response_header_timeout, up.client.request(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         // The client's body failed, not the upstream: answer as the client's error.

@@ -99,7 +99,7 @@ async fn pipeline(
         route,
         added.secret.as_ref(),
         req,
-        server.max_body_size,
+        (server.max_body_size, server.body_idle_timeout),
     )
     .await;
     info.upstream = Some(sent.elapsed());
