@@ -79,7 +79,7 @@ pub struct Metrics {
     routes: DashMap<String, Arc<RouteStats>>,
     /// Open connections: proxy, admin.
     pub connections: [AtomicI64; 2],
-    /// Requests whose handler is running (until the response head is ready).
+    /// Proxied requests whose handler is running (until the response head is ready).
     pub in_flight: AtomicI64,
     pub tls_handshake_failures: AtomicU64,
     pub cleartext_attempts: AtomicU64,
@@ -180,7 +180,7 @@ impl Metrics {
         gauge(
             &mut out,
             "keygate_requests_in_flight",
-            "Requests (h1 requests and h2 streams) being handled, until their response head.",
+            "Proxied requests (h1 requests and h2 streams) being handled, until their response head.",
             self.in_flight.load(Ordering::Relaxed).to_string(),
         );
         gauge(

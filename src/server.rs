@@ -54,6 +54,22 @@ impl Plane {
     }
 }
 
+/// Counts a request in `keygate_requests_in_flight` while its handler runs.
+struct InFlight<'a>(&'a AppState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a AppState) -> Self {
+        state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts an open connection in `keygate_connections` while it lives.
 struct ConnGauge(Arc<AppState>, usize);
 
@@ -202,12 +218,14 @@ impl Conn {
             let fut: Pin<Box<dyn Future<Output = Result<Response<Logged>, Infallible>> + Send>> =
                 Box::pin(async move {
                     let pending = crate::access::Pending::capture(&req, plane.name());
-                    state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+                    // A guard, not a decrement after the await: a client that goes away drops
+                    // this future mid-way.
+                    let in_flight = (plane == Plane::Proxy).then(|| InFlight::enter(&state));
                     let res = match plane {
                         Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
                         Plane::Admin => crate::admin::handle(state.clone(), req, peer.ip()).await,
                     };
-                    state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(in_flight);
                     let (mut parts, body) = res.into_parts();
                     let info = parts
                         .extensions

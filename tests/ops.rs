@@ -481,3 +481,42 @@ async fn uri_and_body_caps_and_the_body_idle_timeout() {
     assert!(cut, "a stalled body ended cleanly instead of abnormally");
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn requests_in_flight_returns_to_zero_when_a_client_goes_away() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], "").await;
+    let client = ca.client(false);
+    let gauge = |text: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with("keygate_requests_in_flight "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let scrape = || async {
+        let (_, _, body) = send(&ca.client(false), get(&kg.admin_url("/metrics"), &[])).await;
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let task = {
+        let url = kg.url("/slow?ms=3000");
+        let key = kg.key.clone();
+        tokio::spawn(async move { client.request(get(&url, &[("x-api-key", &key)])).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gauge(&scrape().await), "keygate_requests_in_flight 1");
+    task.abort();
+    let mut last = String::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = gauge(&scrape().await);
+        if last == "keygate_requests_in_flight 0" {
+            break;
+        }
+    }
+    assert_eq!(
+        last, "keygate_requests_in_flight 0",
+        "the gauge leaked a dropped request"
+    );
+    kg.stop().await;
+}
