@@ -34,9 +34,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // By bytes, not `to_str`: a value with a non-ASCII byte must not hide the names in it.
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -103,6 +103,21 @@ pub fn inject(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_names_are_honoured_even_next_to_non_ascii_bytes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret-hop, \xff\xfe, keep-alive").unwrap(),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-kept").is_some());
+    }
     use http::HeaderValue;
 
     #[test]
