@@ -520,3 +520,83 @@ async fn requests_in_flight_returns_to_zero_when_a_client_goes_away() {
     );
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn sigterm_ends_long_streams_at_the_drain_deadline_and_exits_0() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        child_config(
+            &ca,
+            &[("/", &up.url())],
+            "[server]\ndrain_timeout = \"1s\"\n",
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let (code, err) = run_cli(
+        dir.path(),
+        &["--config", &cfg, "secrets", "put", "UPSTREAM_KEY"],
+        b"up-secret\n",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let mut kg = KeygateProcess::serve(dir.path(), &["--config", &cfg], &[]).await;
+    let key = kg.stdout_lines[0].clone();
+    let client = client_trusting(&dir.path().join("certs/ca.pem"), false);
+    // A 10 s stream, far longer than the 1 s drain deadline.
+    let res = client
+        .request(get(
+            &kg.url("/sse?n=100&gap_ms=100"),
+            &[("x-api-key", &key)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let reader = tokio::spawn(async move {
+        let mut body = res.into_body();
+        let (mut events, mut clean) = (0, false);
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => events += usize::from(f.data_ref().is_some()),
+                Some(Err(_)) => break,
+                None => {
+                    clean = true;
+                    break;
+                }
+            }
+        }
+        (events, clean, std::time::Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &kg.pid().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), kg.child.wait())
+        .await
+        .expect("keygate exits after the drain deadline")
+        .unwrap();
+    let exited = sent.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        exited >= Duration::from_millis(900) && exited < Duration::from_secs(4),
+        "exited {exited:?} after SIGTERM with a 1 s drain deadline"
+    );
+    let (events, clean, ended) = reader.await.unwrap();
+    assert!(
+        !clean,
+        "a stream cut at the deadline ended like a complete one"
+    );
+    assert!(events < 100, "the stream was not cut ({events} events)");
+    let cut = ended.duration_since(sent);
+    assert!(
+        cut < Duration::from_secs(4),
+        "stream ended {cut:?} after SIGTERM"
+    );
+    eprintln!("drain: exit {exited:?} after SIGTERM, stream cut after {events} events at {cut:?}");
+}
