@@ -17,7 +17,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 #[derive(Debug, Clone, Default)]
 pub struct AccessInfo {
     /// The route's name (proxy) or "admin".
-    pub route: Option<String>,
+    pub route: Option<std::sync::Arc<str>>,
     /// The key's id (a UUID), when a keygate key authenticated.
     pub key_uid: Option<u128>,
     /// Whether the request authenticated (a keygate key or a passthrough key).

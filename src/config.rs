@@ -298,8 +298,9 @@ pub struct ServerConfig {
 /// go to `upstream` with a credential.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// How keys name this route in their permissions (default: the prefix).
-    pub name: String,
+    /// How keys name this route in their permissions (default: the prefix). Shared, because
+    /// every request carries it to the access log and metrics.
+    pub name: std::sync::Arc<str>,
     pub prefix: String,
     /// Lower-case host (with a port only if the config gave one) the request must be for.
     pub host: Option<String>,
@@ -888,8 +889,8 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
         Some(n) if n.trim().is_empty() => {
             return Err(c.err(format!("route[{i}].name"), "must not be empty"))
         }
-        Some(n) => n,
-        None => r.prefix.clone(),
+        Some(n) => n.into(),
+        None => r.prefix.as_str().into(),
     };
     let inject = validate_inject(c, i, r.inject, r.validate)?;
     let limit = r

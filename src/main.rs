@@ -330,7 +330,7 @@ fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
                 _ => None,
             };
             for r in &routes {
-                if !config.routes.iter().any(|c| &c.name == r) {
+                if !config.routes.iter().any(|c| *c.name == **r) {
                     return Err(format!("--route {r}: no route of the config is named so"));
                 }
             }

@@ -11,30 +11,6 @@ use hyper::body::Frame;
 use support::*;
 use tokio::io::AsyncWriteExt;
 
-/// Runs a keygate CLI command in `dir`, feeding `stdin`; returns (exit code, stdout, stderr).
-async fn cli(
-    dir: &std::path::Path,
-    args: &[&str],
-    stdin: &[u8],
-    env: &[(&str, &str)],
-) -> (Option<i32>, String, String) {
-    let mut cmd = keygate_cmd(dir, env);
-    cmd.args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A config for a child keygate in `dir`: ephemeral ports, generated dev certificates, default
 /// relative store paths, one route to `upstream` trusting `ca`.
 fn child_config(ca: &TestCa, upstream: &str, extra: &str) -> String {

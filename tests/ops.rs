@@ -269,24 +269,6 @@ fn child_config(ca: &TestCa, routes: &[(&str, &str)], extra: &str) -> String {
     t
 }
 
-async fn run_cli(dir: &std::path::Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String) {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = keygate_cmd(dir, &[]);
-    cmd.args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
     let ca = TestCa::new();
@@ -296,10 +278,11 @@ async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
     let cfg = dir.path().join("k.toml");
     std::fs::write(&cfg, child_config(&ca, &[("/", &up_a.url())], "")).unwrap();
     let cfg = cfg.to_str().unwrap().to_owned();
-    let (code, err) = run_cli(
+    let (code, _, err) = cli(
         dir.path(),
         &["--config", &cfg, "secrets", "put", "UPSTREAM_KEY"],
         b"up-secret\n",
+        &[],
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
@@ -334,7 +317,7 @@ async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
 
     // `keygate reload` refuses a bad file without signalling, and signals for a good one.
     std::fs::write(&cfg, "[listen]\nproxy = 5\n").unwrap();
-    let (code, err) = run_cli(dir.path(), &["--config", &cfg, "reload"], b"").await;
+    let (code, _, err) = cli(dir.path(), &["--config", &cfg, "reload"], b"", &[]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("listen.proxy"), "{err}");
     std::fs::write(
@@ -345,7 +328,7 @@ async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
         ),
     )
     .unwrap();
-    let (code, err) = run_cli(dir.path(), &["--config", &cfg, "reload"], b"").await;
+    let (code, _, err) = cli(dir.path(), &["--config", &cfg, "reload"], b"", &[]).await;
     assert_eq!(code, Some(0), "{err}");
     let mut gone = false;
     for _ in 0..50 {
@@ -537,10 +520,11 @@ async fn sigterm_ends_long_streams_at_the_drain_deadline_and_exits_0() {
     )
     .unwrap();
     let cfg = cfg.to_str().unwrap().to_owned();
-    let (code, err) = run_cli(
+    let (code, _, err) = cli(
         dir.path(),
         &["--config", &cfg, "secrets", "put", "UPSTREAM_KEY"],
         b"up-secret\n",
+        &[],
     )
     .await;
     assert_eq!(code, Some(0), "{err}");

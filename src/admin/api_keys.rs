@@ -165,7 +165,14 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
     };
     if let Some(routes) = &b.routes {
         for r in routes {
-            if !ctx.state.live().config.routes.iter().any(|c| &c.name == r) {
+            if !ctx
+                .state
+                .live()
+                .config
+                .routes
+                .iter()
+                .any(|c| *c.name == **r)
+            {
                 return Err(AdminError::BadRequest(format!(
                     "`routes`: no route is named {r:?}"
                 )));

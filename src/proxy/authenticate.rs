@@ -101,7 +101,7 @@ async fn check(
     };
     if !principal.may_use(&route.name) {
         return Err(ProxyError::Forbidden {
-            route: route.name.clone(),
+            route: route.name.to_string(),
         });
     }
     Ok(Grant::Key(principal))

@@ -64,7 +64,7 @@ pub fn inject(
 ) -> Result<Arc<Resolved>, ProxyError> {
     let Credential::Ready(resolved) = credentials.get(index) else {
         return Err(ProxyError::NoCredential {
-            route: route.name.clone(),
+            route: route.name.to_string(),
         });
     };
     let headers = req.headers_mut();

@@ -142,13 +142,15 @@ pub struct Limited {
     pub policy: HeaderValue,
 }
 
+type RouteBucket = Arc<Bucket<u128>>;
+
 /// All limiters of a running keygate.
 pub struct Limiters {
     default: Arc<Bucket<u128>>,
     /// Per-key quotas do not come from the config: a reload keeps them all.
     by_quota: Arc<DashMap<LimitSpec, Arc<Bucket<u128>>>>,
     /// (route name, its bucket), indexed like the configured routes.
-    routes: Vec<(String, Option<Arc<Bucket<u128>>>)>,
+    routes: Vec<(Arc<str>, Option<RouteBucket>)>,
     admin: Arc<Bucket<u128>>,
     auth_failures: Arc<Bucket<IpAddr>>,
     blocked: Arc<DashMap<IpAddr, (tokio::time::Instant, Limited)>>,

@@ -514,6 +514,32 @@ pub fn keygate_cmd(cwd: &Path, env: &[(&str, &str)]) -> tokio::process::Command 
     c
 }
 
+/// Runs a keygate CLI command in `dir`, feeding `stdin`; returns (exit code, stdout, stderr).
+pub async fn cli(
+    dir: &std::path::Path,
+    args: &[&str],
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let mut cmd = keygate_cmd(dir, env);
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut input, stdin)
+        .await
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl KeygateProcess {
     /// Runs `keygate serve` with `args` in `cwd` and waits until both listeners are announced.
     pub async fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
