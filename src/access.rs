@@ -56,6 +56,9 @@ impl Pending {
 pub struct LoggedBody<B> {
     inner: B,
     log: Option<Line>,
+    /// Marks the connection busy until the response has been sent (or dropped); see
+    /// `server::Activity`. Carried here because this is the one wrapper every response has.
+    _active: Option<crate::server::Active>,
 }
 
 struct Line {
@@ -79,7 +82,14 @@ impl<B: HttpBody> LoggedBody<B> {
                 complete,
             }),
             inner,
+            _active: None,
         }
+    }
+
+    /// Keeps `active` until this body is dropped.
+    pub fn holding(mut self, active: crate::server::Active) -> Self {
+        self._active = Some(active);
+        self
     }
 }
 

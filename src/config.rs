@@ -132,6 +132,7 @@ struct RawServer {
     max_uri_length: Option<usize>,
     max_body_size: Option<u64>,
     body_idle_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +293,10 @@ pub struct ServerConfig {
     /// A client that leaves the upstream waiting this long for the next piece of its request
     /// body gets 408 and the upstream request is aborted.
     pub body_idle_timeout: Duration,
+    /// A connection with no request in progress for this long is closed (h2: GOAWAY first).
+    /// For HTTP/1.1 the wait for the next request head is also bounded by
+    /// `header_read_timeout`, so an idle h1 connection closes at the shorter of the two.
+    pub idle_timeout: Duration,
 }
 
 /// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
@@ -674,6 +679,11 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "server.body_idle_timeout",
             raw.server.body_idle_timeout,
             Duration::from_secs(60),
+        )?,
+        idle_timeout: c.duration(
+            "server.idle_timeout",
+            raw.server.idle_timeout,
+            Duration::from_secs(75),
         )?,
     };
     let limits = LimitsConfig {

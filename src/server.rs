@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +76,53 @@ struct ConnGauge(Arc<AppState>, usize);
 impl Drop for ConnGauge {
     fn drop(&mut self) {
         self.0.metrics.connections[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a connection has a request in progress, and since when it has had none: the
+/// idle timeout closes a connection idle for `server.idle_timeout`. A request counts until its
+/// response body has been sent or dropped, so a long SSE stream keeps its connection busy.
+struct Activity {
+    busy: AtomicUsize,
+    /// When the last request ended, in milliseconds since `epoch`.
+    last_ms: AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            busy: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        })
+    }
+
+    /// When the connection becomes idle enough to close, if it has no request in progress.
+    fn idle_deadline(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire)) + idle)
+    }
+}
+
+/// One request in progress on a connection (see `Activity`).
+pub struct Active(Arc<Activity>);
+
+impl Active {
+    fn enter(a: &Arc<Activity>) -> Self {
+        a.busy.fetch_add(1, Ordering::AcqRel);
+        Active(a.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = a.epoch.elapsed().as_millis() as u64;
+        a.last_ms.fetch_max(ms, Ordering::AcqRel);
+        a.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -210,11 +257,17 @@ impl Conn {
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let state = self.state.clone();
         let plane = self.plane;
+        let activity = Activity::new();
+        let idle = Idle {
+            activity: activity.clone(),
+            timeout: server.idle_timeout,
+        };
         // Each request's future is boxed: hyper keeps a slot of the service future's size for
         // the whole connection, so an unboxed pipeline future (several KiB) would be memory
         // held by every idle keep-alive connection. One allocation per request is cheaper.
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
+            let active = Active::enter(&activity);
             let fut: Pin<Box<dyn Future<Output = Result<Response<Logged>, Infallible>> + Send>> =
                 Box::pin(async move {
                     let pending = crate::access::Pending::capture(&req, plane.name());
@@ -234,7 +287,7 @@ impl Conn {
                     let status = parts.status.as_u16();
                     Ok(Response::from_parts(
                         parts,
-                        LoggedBody::new(body, pending, info, status),
+                        LoggedBody::new(body, pending, info, status).holding(active),
                     ))
                 });
             fut
@@ -256,7 +309,7 @@ impl Conn {
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .serve_connection(io, svc);
-            Box::pin(drive(Box::pin(conn), shutdown, peer, self._permit))
+            Box::pin(drive(Box::pin(conn), shutdown, idle, peer, self._permit))
         } else {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -269,7 +322,7 @@ impl Conn {
                 .max_buf_size(16 * 1024)
                 .keep_alive(true)
                 .serve_connection(io, svc);
-            Box::pin(drive(Box::pin(conn), shutdown, peer, self._permit))
+            Box::pin(drive(Box::pin(conn), shutdown, idle, peer, self._permit))
         }
     }
 }
@@ -308,18 +361,47 @@ where
     }
 }
 
-/// Drives `conn` to its end; on shutdown, asks it to finish gracefully and waits for that.
+/// The idle timeout of one connection.
+struct Idle {
+    activity: Arc<Activity>,
+    timeout: Duration,
+}
+
+/// Drives `conn` to its end. On shutdown, or once it has had no request in progress for the
+/// idle timeout, asks it to finish gracefully (h2: GOAWAY) and waits for that.
 async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
+    idle: Idle,
     peer: SocketAddr,
     _permit: ConnSlot,
 ) {
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = signalled(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // Re-armed rather than reset per request: it wakes at most once per idle period, and on
+    // waking it looks at when the last request ended.
+    let timer = tokio::time::sleep(idle.timeout);
+    tokio::pin!(timer);
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = signalled(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            _ = timer.as_mut() => {
+                let now = tokio::time::Instant::now();
+                match idle.activity.idle_deadline(idle.timeout) {
+                    Some(at) if at <= now => {
+                        tracing::debug!(%peer, "idle connection closed");
+                        conn.as_mut().graceful_shutdown();
+                        // A shutdown signal during this wait needs nothing more: the
+                        // connection is already finishing.
+                        break conn.await;
+                    }
+                    Some(at) => timer.as_mut().reset(at),
+                    // Busy: look again after one more period.
+                    None => timer.as_mut().reset(now + idle.timeout),
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -12,11 +12,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use support::*;
 
-/// One raw HTTP/1.1 keep-alive connection over TLS, to prove a connection survives.
-async fn raw_h1(
+/// A TLS connection to `port` offering only `alpn`.
+async fn tls_to(
     ca: &TestCa,
     port: u16,
-) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca.ca_file).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -26,14 +27,22 @@ async fn raw_h1(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// One raw HTTP/1.1 keep-alive connection over TLS, to prove a connection survives.
+async fn raw_h1(
+    ca: &TestCa,
+    port: u16,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tls = tls_to(ca, port, b"http/1.1").await;
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -583,4 +592,111 @@ async fn sigterm_ends_long_streams_at_the_drain_deadline_and_exits_0() {
         "stream ended {cut:?} after SIGTERM"
     );
     eprintln!("drain: exit {exited:?} after SIGTERM, stream cut after {events} events at {cut:?}");
+}
+
+/// `server.idle_timeout`: a connection with no request in progress is closed once the timeout
+/// passes (h2 with GOAWAY, which hyper's client reports as a clean end), while a stream that
+/// lasts longer than the timeout is never cut by it.
+#[tokio::test]
+async fn idle_connections_are_closed_and_long_streams_are_not() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(
+        &ca,
+        &[("/", &up.url(), "S")],
+        "[server]\nidle_timeout = \"1s\"\nheader_read_timeout = \"10s\"\n",
+    )
+    .await;
+    let port = kg.proxy.port();
+
+    // h2: an SSE stream of 2.4 s (longer than the idle timeout) is delivered whole, then the
+    // idle connection is closed about 1 s after it ended.
+    let tls = tls_to(&ca, port, b"h2").await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let r = conn.await;
+        (r.is_ok(), std::time::Instant::now())
+    });
+    let req = http::Request::get("/sse?n=6&gap_ms=400")
+        .header("x-api-key", &kg.key)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = send.send_request(req).await.expect("h2 request");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .expect("whole SSE stream")
+        .to_bytes();
+    let ended = std::time::Instant::now();
+    assert_eq!(
+        body.windows(6).filter(|w| w == b"data: ").count(),
+        6,
+        "every event arrived"
+    );
+    let (clean, at) = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("idle h2 connection closed within 5 s")
+        .unwrap();
+    let after = at - ended;
+    assert!(clean, "h2 connection ended with GOAWAY, not an error");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed only after the idle timeout, not while busy (closed {after:?} after the stream)"
+    );
+    println!("h2: idle connection closed {after:?} after its 2.4 s stream ended");
+
+    // h1: header_read_timeout is 10 s here, so a close near 1 s is the idle timeout's doing.
+    let mut tls = tls_to(&ca, port, b"http/1.1").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "GET /x HTTP/1.1\r\nhost: localhost\r\nx-api-key: {}\r\n\r\n",
+        kg.key
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let sent = std::time::Instant::now();
+    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "idle h1 connection closed within 5 s");
+    let after = sent.elapsed();
+    assert!(
+        got.starts_with(b"HTTP/1.1 201"),
+        "the request was answered first"
+    );
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "h1 closed by the idle timeout ({after:?})"
+    );
+    println!("h1: idle connection closed {after:?} after its request");
+    let paths: Vec<String> = up
+        .recorded()
+        .iter()
+        .map(|r| {
+            r.uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        ["/sse?n=6&gap_ms=400", "/x"],
+        "each request reached the upstream once"
+    );
+    kg.stop().await;
 }
