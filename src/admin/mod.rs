@@ -4,6 +4,8 @@
 //! ```text
 //!  OPTIONS (any path) ─▶ CORS preflight answer, no key needed
 //!  /healthz           ─▶ 200, no key needed
+//!  /, /ui/*           ─▶ the settings page (static; it signs in with an admin key itself)
+//!  /readyz, /metrics  ─▶ no key needed
 //!  anything else      ─▶ key ─▶ 401 (same body as the proxy's) / role admin? ─▶ 403
 //!                     ─▶ route by path and method ─▶ 404 / 405
 //!                     ─▶ resource handler ─▶ one store transaction ─▶ JSON
@@ -17,6 +19,7 @@ pub mod api_keys;
 pub mod env_vars;
 mod ops;
 pub mod request;
+mod ui;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -153,6 +156,9 @@ async fn route(
             )),
             _ => Err(AdminError::MethodNotAllowed("GET, HEAD")),
         };
+    }
+    if let Some(page) = ui::serve(&req, path) {
+        return page;
     }
     match path {
         "/readyz" => return only_get(&req).map(|()| ops::readyz(&state)),
