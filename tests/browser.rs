@@ -165,5 +165,19 @@ async fn the_settings_page_manages_keys_secrets_and_env_vars_in_chromium() {
     for kept in ["ci-pipeline", "slack-bot"] {
         assert!(names.iter().any(|n| n == kept), "{kept:?} was created");
     }
+    let secrets = store
+        .list_ai_secrets(&ListQuery::all(&org, 1000), &[])
+        .unwrap();
+    assert!(
+        secrets.iter().all(|s| s.name != "E2E_SECRET"),
+        "the secret was deleted"
+    );
+    let vars = store
+        .list_env_vars(&ListQuery::all(&org, 1000), &Default::default())
+        .unwrap();
+    assert!(
+        vars.iter().all(|v| v.name != "E2E_VAR"),
+        "the env var was deleted"
+    );
     kg.stop().await;
 }

@@ -199,7 +199,7 @@ async function main() {
     await secretRow.locator("button.delete").click();
     await page.click("#confirm-ok");
     await secretRow.waitFor({ state: "detached" });
-    check(true, "the secret is deleted");
+    check(/secret “E2E_SECRET” deleted/.test(await message(page)), "the secret is deleted, and the page says so");
     await clearMessage(page);
 
     // Env vars: by scope, set, a 400 in words, delete.
@@ -221,7 +221,7 @@ async function main() {
     await envRow.locator("button.delete").click();
     await page.click("#confirm-ok");
     await envRow.waitFor({ state: "detached" });
-    check(true, "the env var is deleted");
+    check(/env var “E2E_VAR” deleted/.test(await message(page)), "the env var is deleted, and the page says so");
     await clearMessage(page);
 
     // The screenshot for the README: the keys list (previews only; no full key on screen).

@@ -173,6 +173,24 @@
     return b;
   }
 
+  /** A table row for the object `id`: its cells, then a trash button that deletes `label` at
+   * `url` and reloads the list with `reload`. */
+  function objectRow(id, cells, label, url, reload) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = id;
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    actions.append(
+      trashButton(label, async () => {
+        await api("DELETE", url);
+        say(`${label[0].toUpperCase()}${label.slice(1)} deleted.`, "info");
+        await reload();
+      }),
+    );
+    tr.append(...cells, actions);
+    return tr;
+  }
+
   function confirmDelete(label) {
     const dialog = $("confirm");
     $("confirm-text").textContent = `Delete ${label}? This takes effect immediately and cannot be undone.`;
@@ -201,28 +219,16 @@
       "keys-table",
       "keys-empty",
       keys.map((k) => {
-        const tr = document.createElement("tr");
-        tr.dataset.id = k.id;
-        tr.append(
-          cell(k.name, "name"),
-          cell(k.preview_name, "preview"),
-          cell(k.role || ""),
-          cell(when(k.created)),
-        );
         const status = document.createElement("td");
         status.append(k.exposed ? badge("exposed", "bad") : badge("ok", "good"));
         if (k.exposed) status.title = "This key was seen over plain HTTP; replace it.";
-        const actions = document.createElement("td");
-        actions.className = "actions";
-        actions.append(
-          trashButton(`the key “${k.name}” (${k.preview_name})`, async () => {
-            await api("DELETE", `/v1/api_key/${encodeURIComponent(k.id)}`);
-            say(`Key “${k.name}” deleted.`, "info");
-            await loadKeys();
-          }),
+        return objectRow(
+          k.id,
+          [cell(k.name, "name"), cell(k.preview_name, "preview"), cell(k.role || ""), cell(when(k.created)), status],
+          `the key “${k.name}” (${k.preview_name})`,
+          `/v1/api_key/${encodeURIComponent(k.id)}`,
+          loadKeys,
         );
-        tr.append(status, actions);
-        return tr;
       }),
     );
   }
@@ -274,27 +280,20 @@
     fill(
       "secrets-table",
       "secrets-empty",
-      secrets.map((s) => {
-        const tr = document.createElement("tr");
-        tr.dataset.id = s.id;
-        const actions = document.createElement("td");
-        actions.className = "actions";
-        actions.append(
-          trashButton(`the secret “${s.name}”`, async () => {
-            await api("DELETE", `/v1/ai_secret/${encodeURIComponent(s.id)}`);
-            say(`Secret “${s.name}” deleted.`, "info");
-            await loadSecrets();
-          }),
-        );
-        tr.append(
-          cell(s.name, "name"),
-          cell(s.type || ""),
-          cell(s.preview_secret || "(none)", "preview"),
-          cell(when(s.updated_at || s.created)),
-          actions,
-        );
-        return tr;
-      }),
+      secrets.map((s) =>
+        objectRow(
+          s.id,
+          [
+            cell(s.name, "name"),
+            cell(s.type || ""),
+            cell(s.preview_secret || "(none)", "preview"),
+            cell(when(s.updated_at || s.created)),
+          ],
+          `the secret “${s.name}”`,
+          `/v1/ai_secret/${encodeURIComponent(s.id)}`,
+          loadSecrets,
+        ),
+      ),
     );
   }
 
@@ -331,27 +330,15 @@
     fill(
       "env-table",
       "env-empty",
-      vars.map((v) => {
-        const tr = document.createElement("tr");
-        tr.dataset.id = v.id;
-        const actions = document.createElement("td");
-        actions.className = "actions";
-        actions.append(
-          trashButton(`the env var “${v.name}”`, async () => {
-            await api("DELETE", `/v1/env_var/${encodeURIComponent(v.id)}`);
-            say(`Env var “${v.name}” deleted.`, "info");
-            await loadEnv();
-          }),
-        );
-        tr.append(
-          cell(v.name, "name"),
-          cell(`${v.object_type} ${v.object_id}`),
-          cell(when(v.created)),
-          cell(when(v.used)),
-          actions,
-        );
-        return tr;
-      }),
+      vars.map((v) =>
+        objectRow(
+          v.id,
+          [cell(v.name, "name"), cell(`${v.object_type} ${v.object_id}`), cell(when(v.created)), cell(when(v.used))],
+          `the env var “${v.name}”`,
+          `/v1/env_var/${encodeURIComponent(v.id)}`,
+          loadEnv,
+        ),
+      ),
     );
   }
 
