@@ -4,8 +4,8 @@
 //! This test starts keygate and a recording upstream over TLS with a per-run CA, makes Chromium
 //! trust that CA through an NSS database in a temporary HOME (no certificate check is skipped),
 //! runs the script, then checks what the upstream and the store saw. `.ci/run` installs
-//! `chromium`, `libnss3-tools` (certutil) and the npm packages; without them this test fails
-//! and says what to install.
+//! `chromium`, `libnss3-tools` (certutil) and the npm packages; when they are missing this test
+//! installs them itself (apt-get, `npm ci`), or fails saying what to install.
 
 mod support;
 
@@ -40,12 +40,30 @@ fn ensure_npm_packages() {
     assert!(status.success(), "npm ci in tests/browser failed");
 }
 
-fn chromium() -> String {
+/// Debian's chromium and certutil, installed with apt-get when missing (as .ci/run does), so
+/// that `cargo test` works on a fresh machine of this project's image (root, Debian's registry
+/// reachable).
+fn ensure_browser() -> String {
+    let _one = NPM.lock().unwrap_or_else(|e| e.into_inner());
     let path = std::env::var("KG_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        Path::new(&path).exists(),
-        "{path} is missing: install Debian's chromium (apt-get install chromium libnss3-tools), as .ci/run does"
-    );
+    let certutil = Path::new("/usr/bin/certutil");
+    if !Path::new(&path).exists() || !certutil.exists() {
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok =
+            apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "chromium", "libnss3-tools"]);
+        assert!(
+            ok && Path::new(&path).exists(),
+            "{path} or certutil is missing and apt-get could not install them: \
+             install Debian's chromium and libnss3-tools (as .ci/run does)"
+        );
+    }
     path
 }
 
@@ -56,9 +74,10 @@ fn browser_home(ca: &TestCa) -> tempfile::TempDir {
     std::fs::create_dir_all(&db).unwrap();
     let db_arg = format!("sql:{}", db.display());
     let certutil = |args: &[&str]| {
-        let out = Command::new("certutil").args(args).output().unwrap_or_else(|e| {
-            panic!("certutil: {e}: install libnss3-tools (apt-get install libnss3-tools), as .ci/run does")
-        });
+        let out = Command::new("certutil")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("certutil: {e}"));
         assert!(
             out.status.success(),
             "certutil {args:?}: {}",
@@ -82,7 +101,7 @@ fn browser_home(ca: &TestCa) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_settings_page_manages_keys_secrets_and_env_vars_in_chromium() {
-    let chromium = chromium();
+    let chromium = ensure_browser();
     ensure_npm_packages();
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
