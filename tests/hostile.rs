@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use support::harness::NO_LIMITS;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-
-/// Limits high enough that the tests measure framing, not the rate limiter.
-const NO_LIMITS: &str = "[limits]\ndefault = { per_second = 100000, burst = 100000 }\n\
-                         auth_failures = { per_second = 100000, burst = 100000 }\n";
 
 // ---------------------------------------------------------------------------------------------
 // Raw TLS client

@@ -15,52 +15,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use support::h2raw::*;
+use support::harness::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Runs `f` alone (no other test of this file at the same time) on a fresh runtime.
 fn run<F: Future<Output = ()>>(f: F) {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f);
-}
-
-/// Rate limits out of the way: these tests are about connections, not quotas.
-const NO_LIMITS: &str = "[limits]\ndefault = { per_second = 100000, burst = 100000 }\n\
-                         auth_failures = { per_second = 100000, burst = 100000 }\n";
-
-const T5: Duration = Duration::from_secs(5);
-
-async fn within<F: Future>(what: &str, d: Duration, f: F) -> F::Output {
-    tokio::time::timeout(d, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: no outcome within {d:?}"))
-}
-
-/// Polls `cond` every 5 ms until it holds or `d` passes; returns whether it held.
-async fn wait_until(d: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + d;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    run_serial(&SERIAL, f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -91,28 +57,12 @@ impl Drop for BadUpstream {
 
 impl BadUpstream {
     async fn start(ca: &TestCa) -> Self {
-        let (cert, key) = ca.issue("bad");
-        let cfg = keygate::tls::server_config(&cert, &key).expect("bad upstream TLS");
-        let mut cfg = Arc::try_unwrap(cfg).unwrap_or_else(|a| (*a).clone());
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let l = log.clone();
-        let task = tokio::spawn(async move {
-            let mut set = JoinSet::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => {
-                        let Ok((tcp, _)) = r else { return };
-                        let _ = tcp.set_nodelay(true);
-                        set.spawn(bad_conn(acceptor.clone(), tcp, l.clone()));
-                    }
-                    Some(_) = set.join_next(), if !set.is_empty() => {}
-                }
-            }
-        });
+        let (addr, task) = hand_upstream(ca, "bad", move |acceptor, tcp| {
+            bad_conn(acceptor, tcp, l.clone())
+        })
+        .await;
         BadUpstream { addr, log, task }
     }
 
@@ -132,30 +82,6 @@ impl BadUpstream {
             .filter(|(p, _)| p.contains(needle))
             .map(|(_, t)| *t)
             .collect()
-    }
-}
-
-type UpTls = tokio_rustls::server::TlsStream<TcpStream>;
-
-/// Reads one request head into `buf`; returns (path, head length, content-length).
-async fn read_head(tls: &mut UpTls, buf: &mut Vec<u8>) -> Option<(String, usize, usize)> {
-    let mut tmp = [0u8; 4096];
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_string();
-            let path = head.split(' ').nth(1).unwrap_or("").to_owned();
-            let cl = head
-                .lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0);
-            return Some((path, i + 4, cl));
-        }
-        match tls.read(&mut tmp).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
     }
 }
 
@@ -309,33 +235,8 @@ async fn bad_conn(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, log: Arc<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Clients
+// Clients (raw TLS and HTTP/2 frames by hand: support/h2raw.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn connector(ca: &TestCa, alpn: &[u8]) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca.ca_file).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(keygate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    TlsConnector::from(Arc::new(cfg))
-}
-
-async fn connect(tls: &TlsConnector, addr: SocketAddr, alpn: &[u8]) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.expect("TCP connect");
-    tcp.set_nodelay(true).unwrap();
-    let s = tls
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-        .expect("TLS handshake with keygate");
-    assert_eq!(s.get_ref().1.alpn_protocol(), Some(alpn), "ALPN");
-    s
-}
 
 /// How a response body ended.
 #[derive(Debug, PartialEq)]
@@ -1038,152 +939,6 @@ fn r8_slow_post_body_that_keeps_flowing_is_not_cut_by_the_header_timeout() {
 // ---------------------------------------------------------------------------------------------
 // R7: HTTP/2 abuse, frames by hand
 // ---------------------------------------------------------------------------------------------
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA_OR_END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const T_HEADERS: u8 = 0x1;
-const T_RST: u8 = 0x3;
-const T_SETTINGS: u8 = 0x4;
-const T_GOAWAY: u8 = 0x7;
-const T_CONTINUATION: u8 = 0x9;
-
-fn frame(ty: u8, flags: u8, sid: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
-    f.extend_from_slice(&(sid & 0x7fff_ffff).to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn hpack_int(out: &mut Vec<u8>, prefix_bits: u8, mut v: usize) {
-    let max = (1usize << prefix_bits) - 1;
-    if v < max {
-        out.push(v as u8);
-        return;
-    }
-    out.push(max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal header field without indexing, new name (RFC 7541 6.2.2), no Huffman.
-fn hpack_lit(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.push(0x00);
-    hpack_int(out, 7, name.len());
-    out.extend_from_slice(name.as_bytes());
-    hpack_int(out, 7, value.len());
-    out.extend_from_slice(value);
-}
-
-fn request_block(path: &str, key: &str) -> Vec<u8> {
-    let mut b = Vec::new();
-    hpack_lit(&mut b, ":method", b"GET");
-    hpack_lit(&mut b, ":scheme", b"https");
-    hpack_lit(&mut b, ":path", path.as_bytes());
-    hpack_lit(&mut b, ":authority", b"127.0.0.1");
-    hpack_lit(&mut b, "x-api-key", key.as_bytes());
-    b
-}
-
-type Frame = (u8, u8, u32, Vec<u8>);
-
-/// An HTTP/2 connection to keygate, by hand: the read half here, the write half for a task.
-struct H2 {
-    r: tokio::io::ReadHalf<TlsStream<TcpStream>>,
-    w: Option<tokio::io::WriteHalf<TlsStream<TcpStream>>>,
-    buf: Vec<u8>,
-    server_settings: Vec<(u16, u32)>,
-}
-
-impl H2 {
-    /// Connects, exchanges SETTINGS (and acknowledges keygate's).
-    async fn open(ca: &TestCa, addr: SocketAddr) -> H2 {
-        let c = connect(&connector(ca, b"h2"), addr, b"h2").await;
-        let (r, mut w) = tokio::io::split(c);
-        w.write_all(PREFACE).await.unwrap();
-        w.write_all(&frame(T_SETTINGS, 0, 0, &[])).await.unwrap();
-        w.flush().await.unwrap();
-        let mut h = H2 {
-            r,
-            w: Some(w),
-            buf: Vec::new(),
-            server_settings: Vec::new(),
-        };
-        let deadline = Instant::now() + T5;
-        loop {
-            let (ty, flags, _, p) = h.next(deadline).await.expect("keygate's SETTINGS");
-            if ty == T_SETTINGS && flags & 1 == 0 {
-                h.server_settings = p
-                    .chunks(6)
-                    .map(|c| {
-                        (
-                            u16::from_be_bytes([c[0], c[1]]),
-                            u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
-                        )
-                    })
-                    .collect();
-                break;
-            }
-        }
-        let w = h.w.as_mut().unwrap();
-        w.write_all(&frame(T_SETTINGS, 1, 0, &[])).await.unwrap();
-        w.flush().await.unwrap();
-        h
-    }
-
-    /// The next frame, or None when the connection ends or `deadline` passes.
-    async fn next(&mut self, deadline: Instant) -> Option<Frame> {
-        loop {
-            if self.buf.len() >= 9 {
-                let len = (usize::from(self.buf[0]) << 16)
-                    | (usize::from(self.buf[1]) << 8)
-                    | usize::from(self.buf[2]);
-                if self.buf.len() >= 9 + len {
-                    let ty = self.buf[3];
-                    let flags = self.buf[4];
-                    let sid =
-                        u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]])
-                            & 0x7fff_ffff;
-                    let p = self.buf[9..9 + len].to_vec();
-                    self.buf.drain(..9 + len);
-                    return Some((ty, flags, sid, p));
-                }
-            }
-            let mut tmp = [0u8; 16384];
-            match tokio::time::timeout_at(deadline.into(), self.r.read(&mut tmp)).await {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-    }
-
-    /// Writes `bytes` from a task (so reading goes on meanwhile); the task gives back how
-    /// many bytes went out before an error, if any.
-    fn send_in_background(
-        &mut self,
-        chunks: Vec<Vec<u8>>,
-    ) -> tokio::task::JoinHandle<(usize, bool)> {
-        let mut w = self.w.take().expect("one writer");
-        tokio::spawn(async move {
-            let mut sent = 0;
-            for c in chunks {
-                match tokio::time::timeout(T5, w.write_all(&c)).await {
-                    Ok(Ok(())) => sent += c.len(),
-                    _ => return (sent, false),
-                }
-            }
-            let ok = w.flush().await.is_ok();
-            // Keep the write half open a while: closing it is not what is tested.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            (sent, ok)
-        })
-    }
-}
 
 #[test]
 fn r7_h2_max_concurrent_streams_is_100_and_streams_beyond_are_refused() {

@@ -3,6 +3,9 @@
 //! that trusts the per-run CA. No fixed ports, no skipped verification, no sleeping until ready.
 #![allow(dead_code)]
 
+pub mod h2raw;
+pub mod harness;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
