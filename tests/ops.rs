@@ -18,6 +18,17 @@ async fn tls_to(
     port: u16,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_to(ca, port, alpn)
+        .await
+        .expect("TLS connection to keygate")
+}
+
+/// Like [`tls_to`], with the handshake's failure as an error.
+async fn try_tls_to(
+    ca: &TestCa,
+    port: u16,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca.ca_file).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -34,7 +45,6 @@ async fn tls_to(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// One raw HTTP/1.1 keep-alive connection over TLS, to prove a connection survives.
@@ -698,5 +708,75 @@ async fn idle_connections_are_closed_and_long_streams_are_not() {
         ["/sse?n=6&gap_ms=400", "/x"],
         "each request reached the upstream once"
     );
+    kg.stop().await;
+}
+
+/// R9: beyond `server.max_connections`, a new connection is closed at accept (its TLS
+/// handshake fails), while the connections already open carry on; a freed slot is usable again.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_refused_and_open_ones_carry_on() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(
+        &ca,
+        &[("/", &up.url(), "S")],
+        "[server]\nmax_connections = 3\n",
+    )
+    .await;
+    let port = kg.proxy.port();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut send = raw_h1(&ca, port).await;
+        assert_eq!(
+            raw_get(&mut send, "/before", &kg.key).await,
+            StatusCode::CREATED
+        );
+        open.push(send);
+    }
+    for i in 0..3 {
+        let refused =
+            tokio::time::timeout(Duration::from_secs(5), try_tls_to(&ca, port, b"http/1.1"))
+                .await
+                .expect("the refusal is prompt");
+        assert!(
+            refused.is_err(),
+            "connection {} beyond the cap of 3 was served",
+            i + 4
+        );
+    }
+    for send in &mut open {
+        assert_eq!(
+            raw_get(send, "/during", &kg.key).await,
+            StatusCode::CREATED,
+            "open connections carry on"
+        );
+    }
+    // Closing one frees its slot (the permit comes back when the connection task ends).
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(tls) = try_tls_to(&ca, port, b"http/1.1").await {
+            again = Some(tls);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tls = again.expect("a slot freed by a closed connection is usable again within 2 s");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        raw_get(&mut send, "/after", &kg.key).await,
+        StatusCode::CREATED
+    );
+    let paths: Vec<String> = up
+        .recorded()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(paths.iter().filter(|p| *p == "/before").count(), 3);
+    assert_eq!(paths.iter().filter(|p| *p == "/during").count(), 3);
+    assert_eq!(paths.iter().filter(|p| *p == "/after").count(), 1);
     kg.stop().await;
 }
