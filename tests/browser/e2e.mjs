@@ -189,6 +189,7 @@ async function main() {
     const sPreview = (await secretRow.locator("td.preview").textContent()).trim();
     check(sPreview.endsWith(secretValue.slice(-4)) && sPreview !== secretValue, "the secret is listed with its type and a redacted preview");
     check((await secretRow.textContent()).includes("openai"), "the secret's type is listed");
+    await page.screenshot({ path: env.KG_SCREENSHOT.replace(/\.png$/, "-secrets.png"), fullPage: true });
     check(!(await page.content()).includes(secretValue), "the secret value is not in the page");
     const replaced = `${secretValue}-v2WXYZ`;
     await page.fill("#secret-name", "E2E_SECRET");
@@ -211,6 +212,7 @@ async function main() {
     const envRow = row(page, "env-table", "E2E_VAR");
     await envRow.waitFor();
     check((await envRow.textContent()).includes("organization"), "the env var is listed in its scope");
+    await page.screenshot({ path: env.KG_SCREENSHOT.replace(/\.png$/, "-env.png"), fullPage: true });
     check(!(await page.content()).includes("e2e-value-1"), "the env var value is not in the page");
     await clearMessage(page);
     await page.fill("#env-name", "A=B");
