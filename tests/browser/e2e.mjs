@@ -116,6 +116,12 @@ async function main() {
     check((await page.evaluate(() => sessionStorage.getItem("keygate.adminKey"))) === env.KG_ADMIN_KEY, "the admin key is kept in sessionStorage");
     check((await context.cookies()).length === 0, "no cookie is set");
     check((await page.inputValue("#admin-key")) === "", "the sign-in field is emptied");
+    await page.locator("#keys-table .badge.mine").first().waitFor();
+    check(
+      (await page.locator("#keys-table .badge.mine").count()) === 1 &&
+        (await row(page, "keys-table", "made").locator(".badge.mine").count()) === 1,
+      "the key this page signed in with is marked, and only that one",
+    );
 
     // Create a key: shown once, with a warning and a Copy button.
     await page.fill("#key-name", "e2e-browser");

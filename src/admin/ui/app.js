@@ -212,6 +212,12 @@
 
   let orgId = null;
 
+  /** The preview keygate shows for the key this tab signed in with: `sk-****` + last 4. */
+  function ownPreview() {
+    const key = adminKey() || "";
+    return key.length > 8 ? `${key.slice(0, 3)}****${key.slice(-4)}` : null;
+  }
+
   async function loadKeys() {
     const keys = await listAll("/v1/api_key");
     if (keys.length && keys[0].org_id) orgId = keys[0].org_id;
@@ -222,10 +228,17 @@
         const status = document.createElement("td");
         status.append(k.exposed ? badge("exposed", "bad") : badge("ok", "good"));
         if (k.exposed) status.title = "This key was seen over plain HTTP; replace it.";
+        const name = cell(k.name, "name");
+        // The API does not say which key is the caller's; an admin key whose preview matches
+        // the one this tab signed in with is almost surely it (previews end in 4 characters).
+        const mine = k.role === "admin" && k.preview_name === ownPreview();
+        if (mine) name.append(" ", badge("signed in with this key", "mine"));
         return objectRow(
           k.id,
-          [cell(k.name, "name"), cell(k.preview_name, "preview"), cell(k.role || ""), cell(when(k.created)), status],
-          `the key “${k.name}” (${k.preview_name})`,
+          [name, cell(k.preview_name, "preview"), cell(k.role || ""), cell(when(k.created)), status],
+          mine
+            ? `the key “${k.name}” (${k.preview_name}), which this page is signed in with: you will be signed out`
+            : `the key “${k.name}” (${k.preview_name})`,
           `/v1/api_key/${encodeURIComponent(k.id)}`,
           loadKeys,
         );
