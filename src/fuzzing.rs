@@ -129,43 +129,11 @@ fn rate_limit(value: &serde_json::Value) {
     }
 }
 
-/// The list endpoints' accepted query parameters and name filters (as in each `list`).
+/// The list endpoints' accepted query parameters and name filters.
 const LISTS: [(&[&str], &str); 3] = [
-    (
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "api_key_name",
-            "org_name",
-        ],
-        "api_key_name",
-    ),
-    (
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "ai_secret_name",
-            "org_name",
-            "ai_secret_type",
-        ],
-        "ai_secret_name",
-    ),
-    (
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "env_var_name",
-            "object_type",
-            "object_id",
-        ],
-        "env_var_name",
-    ),
+    (api_keys::LIST_PARAMS, api_keys::NAME_PARAM),
+    (ai_secrets::LIST_PARAMS, ai_secrets::NAME_PARAM),
+    (env_vars::LIST_PARAMS, env_vars::NAME_PARAM),
 ];
 
 /// The input as a request target (`/v1/api_key/ID?limit=2`) when it parses as a URI, else as a

@@ -119,7 +119,8 @@ pub async fn handle(
     }
 }
 
-const LIST_PARAMS: &[&str] = &[
+/// The query parameters of the list call, and the one that filters by name.
+pub(crate) const LIST_PARAMS: &[&str] = &[
     "limit",
     "starting_after",
     "ending_before",
@@ -128,6 +129,7 @@ const LIST_PARAMS: &[&str] = &[
     "org_name",
     "ai_secret_type",
 ];
+pub(crate) const NAME_PARAM: &str = "ai_secret_name";
 
 fn delete(s: &AppState, org: &str, r: SecretRef<'_>) -> Result<Option<AiSecretRecord>, StoreError> {
     let rec = s.store.delete_ai_secret(org, r)?;
@@ -138,7 +140,7 @@ fn delete(s: &AppState, org: &str, r: SecretRef<'_>) -> Result<Option<AiSecretRe
 async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
     let p = Params::parse(req.uri().query(), LIST_PARAMS)?;
     let org = ctx.org(p.one("org_name")?).await?;
-    let q = p.list_query(&org, "ai_secret_name")?;
+    let q = p.list_query(&org, NAME_PARAM)?;
     let types = p.many("ai_secret_type");
     let found = ctx
         .store(move |s| s.store.list_ai_secrets(&q, &types))

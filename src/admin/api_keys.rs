@@ -131,20 +131,21 @@ pub async fn handle(
     }
 }
 
+/// The query parameters of the list call, and the one that filters by name.
+pub(crate) const LIST_PARAMS: &[&str] = &[
+    "limit",
+    "starting_after",
+    "ending_before",
+    "ids",
+    "api_key_name",
+    "org_name",
+];
+pub(crate) const NAME_PARAM: &str = "api_key_name";
+
 async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
-    let p = Params::parse(
-        req.uri().query(),
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "api_key_name",
-            "org_name",
-        ],
-    )?;
+    let p = Params::parse(req.uri().query(), LIST_PARAMS)?;
     let org = ctx.org(p.one("org_name")?).await?;
-    let q = p.list_query(&org, "api_key_name")?;
+    let q = p.list_query(&org, NAME_PARAM)?;
     let keys = ctx.store(move |s| s.store.list_api_keys(&q)).await?;
     Ok(ok(
         json!({ "objects": keys.iter().map(to_json).collect::<Vec<_>>() }),

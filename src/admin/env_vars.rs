@@ -119,20 +119,21 @@ pub(crate) fn check_value(v: &Option<Secret>) -> Result<(), AdminError> {
     Ok(())
 }
 
+/// The query parameters of the list call, and the one that filters by name.
+pub(crate) const LIST_PARAMS: &[&str] = &[
+    "limit",
+    "starting_after",
+    "ending_before",
+    "ids",
+    "env_var_name",
+    "object_type",
+    "object_id",
+];
+pub(crate) const NAME_PARAM: &str = "env_var_name";
+
 async fn list(ctx: &Ctx, req: &Request<Incoming>) -> Result<Response<Body>, AdminError> {
-    let p = Params::parse(
-        req.uri().query(),
-        &[
-            "limit",
-            "starting_after",
-            "ending_before",
-            "ids",
-            "env_var_name",
-            "object_type",
-            "object_id",
-        ],
-    )?;
-    let q = p.list_query(ctx.principal.org_id(), "env_var_name")?;
+    let p = Params::parse(req.uri().query(), LIST_PARAMS)?;
+    let q = p.list_query(ctx.principal.org_id(), NAME_PARAM)?;
     let f = EnvVarFilter {
         object_type: p.one("object_type")?.map(object_type).transpose()?,
         object_id: p.one("object_id")?.map(str::to_owned),
