@@ -8,11 +8,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use support::harness::NO_LIMITS;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,22 +22,6 @@ use tokio_rustls::TlsConnector;
 // ---------------------------------------------------------------------------------------------
 // Raw TLS client
 // ---------------------------------------------------------------------------------------------
-
-/// A connector trusting only the test CA, offering ALPN http/1.1 only.
-fn connector(ca: &TestCa) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&ca.ca_file).expect("read CA");
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.expect("PEM")).expect("add CA");
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(keygate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    TlsConnector::from(Arc::new(cfg))
-}
 
 async fn connect(tls: &TlsConnector, addr: SocketAddr) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.expect("TCP connect");
@@ -739,7 +722,7 @@ async fn run_corpus(upstream_h2: bool) -> (Tally, Vec<String>) {
     let up = FakeUpstream::start_with(&ca, upstream_h2).await;
     let extra = format!("http2 = {upstream_h2}\n{NO_LIMITS}");
     let kg = Keygate::start(&ca, &[("/", &up.url(), "UPSTREAM_KEY")], &extra).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     let cases = build_corpus(&kg.key);
     assert!(cases.len() >= 25, "corpus too small: {}", cases.len());
 
@@ -971,7 +954,7 @@ async fn malformed_chunked_body_gets_a_4xx() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], NO_LIMITS).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     let mut failures = Vec::new();
     for bad in ["0x5", "-5", "fffffffffffffffffffff", "5zz"] {
         let payload = format!(
@@ -1286,7 +1269,7 @@ async fn malformed_input_fuzz_over_tls() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "UPSTREAM_KEY")], NO_LIMITS).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     let started = Instant::now();
     let workers = 4;
     let plan = FuzzPlan {
@@ -1391,7 +1374,7 @@ async fn limits_setup() -> (TestCa, FakeUpstream, Keygate, TlsConnector) {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], NO_LIMITS).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     (ca, up, kg, tls)
 }
 
@@ -1500,7 +1483,7 @@ async fn bodies_over_max_body_size_get_413_or_are_cut() {
     let up = FakeUpstream::start(&ca).await;
     let extra = format!("{NO_LIMITS}[server]\nmax_body_size = 1024\n");
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], &extra).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     let key = kg.key.clone();
     let small = format!(
         "POST /b/small HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {key}\r\nContent-Length: 1024\r\nConnection: close\r\n\r\n{}",
@@ -1549,7 +1532,7 @@ async fn streamed_body_over_max_body_size_gets_413() {
     let up = FakeUpstream::start(&ca).await;
     let extra = format!("{NO_LIMITS}[server]\nmax_body_size = 1024\n");
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], &extra).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
     let streamed = format!(
         "POST /b/streamed HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {}\r\nTransfer-Encoding: chunked\r\n\r\n{}",
         kg.key,
@@ -1599,7 +1582,7 @@ async fn every_refused_key_gets_the_byte_identical_401() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], NO_LIMITS).await;
-    let tls = connector(&ca);
+    let tls = support::h2raw::connector(&ca, b"http/1.1");
 
     // A revoked key: valid and cached first, then deleted in the store.
     let (revoked, revoked_id) = make_key(&kg, keygate::store::Role::Proxy);

@@ -8,8 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use support::*;
 
 /// A TLS connection to `port` offering only `alpn`.
@@ -29,30 +28,23 @@ async fn try_tls_to(
     port: u16,
     alpn: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca.ca_file).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(keygate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    support::h2raw::connector(ca, alpn)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
 }
 
 /// One raw HTTP/1.1 keep-alive connection over TLS, to prove a connection survives.
-async fn raw_h1(
-    ca: &TestCa,
-    port: u16,
-) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    let tls = tls_to(ca, port, b"http/1.1").await;
+async fn raw_h1(ca: &TestCa, port: u16) -> H1Sender {
+    h1_over(tls_to(ca, port, b"http/1.1").await).await
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/1.1 client connection over `tls`, driven in the background.
+async fn h1_over(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> H1Sender {
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -60,11 +52,7 @@ async fn raw_h1(
     send
 }
 
-async fn raw_get(
-    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    path: &str,
-    key: &str,
-) -> StatusCode {
+async fn raw_get(send: &mut H1Sender, path: &str, key: &str) -> StatusCode {
     send.ready().await.expect("connection still open");
     let req = http::Request::get(path)
         .header("host", "localhost")
@@ -762,10 +750,7 @@ async fn connections_beyond_the_cap_are_refused_and_open_ones_carry_on() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let tls = again.expect("a slot freed by a closed connection is usable again within 2 s");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1_over(tls).await;
     assert_eq!(
         raw_get(&mut send, "/after", &kg.key).await,
         StatusCode::CREATED
