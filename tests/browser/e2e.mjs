@@ -159,6 +159,11 @@ async function main() {
     await page.click("#confirm-cancel");
     await page.waitForSelector("#confirm[open]", { state: "detached" });
     check((await row(page, "keys-table", "e2e-browser").count()) === 1, "Cancel keeps the key");
+    await row(page, "keys-table", "made").locator("button.delete").click();
+    await page.waitForSelector("#confirm[open]");
+    check(/signed in with this key/.test(await page.textContent("#confirm-text")), "deleting the key the page is signed in with warns about it");
+    await page.click("#confirm-cancel");
+    await page.waitForSelector("#confirm[open]", { state: "detached" });
     await row(page, "keys-table", "e2e-browser").locator("button.delete").click();
     await page.click("#confirm-ok");
     await row(page, "keys-table", "e2e-browser").waitFor({ state: "detached" });

@@ -153,8 +153,8 @@
     return Number.isNaN(d.getTime()) ? String(ts) : d.toLocaleString();
   }
 
-  /** A trash-icon button that asks before deleting `label`. */
-  function trashButton(label, onConfirmed) {
+  /** A trash-icon button that asks before deleting `label` (adding `warning` to the question). */
+  function trashButton(label, warning, onConfirmed) {
     const b = document.createElement("button");
     b.type = "button";
     b.className = "icon delete";
@@ -168,20 +168,20 @@
     svg.appendChild(path);
     b.appendChild(svg);
     b.addEventListener("click", async () => {
-      if (await confirmDelete(label)) await busy(b, onConfirmed);
+      if (await confirmDelete(label, warning)) await busy(b, onConfirmed);
     });
     return b;
   }
 
   /** A table row for the object `id`: its cells, then a trash button that deletes `label` at
-   * `url` and reloads the list with `reload`. */
-  function objectRow(id, cells, label, url, reload) {
+   * `url` (after a confirmation that adds `warning`) and reloads the list with `reload`. */
+  function objectRow(id, cells, label, url, reload, warning = "") {
     const tr = document.createElement("tr");
     tr.dataset.id = id;
     const actions = document.createElement("td");
     actions.className = "actions";
     actions.append(
-      trashButton(label, async () => {
+      trashButton(label, warning, async () => {
         await api("DELETE", url);
         say(`${label[0].toUpperCase()}${label.slice(1)} deleted.`, "info");
         await reload();
@@ -191,9 +191,10 @@
     return tr;
   }
 
-  function confirmDelete(label) {
+  function confirmDelete(label, warning) {
     const dialog = $("confirm");
-    $("confirm-text").textContent = `Delete ${label}? This takes effect immediately and cannot be undone.`;
+    $("confirm-text").textContent =
+      `Delete ${label}? This takes effect immediately and cannot be undone.${warning ? ` ${warning}` : ""}`;
     dialog.returnValue = "";
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
@@ -221,6 +222,7 @@
   async function loadKeys() {
     const keys = await listAll("/v1/api_key");
     if (keys.length && keys[0].org_id) orgId = keys[0].org_id;
+    const own = ownPreview();
     fill(
       "keys-table",
       "keys-empty",
@@ -231,16 +233,15 @@
         const name = cell(k.name, "name");
         // The API does not say which key is the caller's; an admin key whose preview matches
         // the one this tab signed in with is almost surely it (previews end in 4 characters).
-        const mine = k.role === "admin" && k.preview_name === ownPreview();
+        const mine = k.role === "admin" && k.preview_name === own;
         if (mine) name.append(" ", badge("signed in with this key", "mine"));
         return objectRow(
           k.id,
           [name, cell(k.preview_name, "preview"), cell(k.role || ""), cell(when(k.created)), status],
-          mine
-            ? `the key “${k.name}” (${k.preview_name}), which this page is signed in with: you will be signed out`
-            : `the key “${k.name}” (${k.preview_name})`,
+          `the key “${k.name}” (${k.preview_name})`,
           `/v1/api_key/${encodeURIComponent(k.id)}`,
           loadKeys,
+          mine ? "This page is signed in with this key: you will be signed out." : "",
         );
       }),
     );
