@@ -58,7 +58,7 @@ pub struct LoggedBody<B> {
     log: Option<Line>,
     /// Marks the connection busy until the response has been sent (or dropped); see
     /// `server::Activity`. Carried here because this is the one wrapper every response has.
-    _active: Option<crate::server::Active>,
+    _active: crate::server::Active,
 }
 
 struct Line {
@@ -70,8 +70,15 @@ struct Line {
 }
 
 impl<B: HttpBody> LoggedBody<B> {
-    /// Wraps `inner`; without `pending` (log off) it only passes frames through.
-    pub fn new(inner: B, pending: Option<Pending>, info: AccessInfo, status: u16) -> Self {
+    /// Wraps `inner`, holding `active` until it is dropped; without `pending` (log off) it
+    /// only passes frames through.
+    pub fn new(
+        inner: B,
+        pending: Option<Pending>,
+        info: AccessInfo,
+        status: u16,
+        active: crate::server::Active,
+    ) -> Self {
         let complete = inner.is_end_stream();
         LoggedBody {
             log: pending.map(|pending| Line {
@@ -82,14 +89,8 @@ impl<B: HttpBody> LoggedBody<B> {
                 complete,
             }),
             inner,
-            _active: None,
+            _active: active,
         }
-    }
-
-    /// Keeps `active` until this body is dropped.
-    pub fn holding(mut self, active: crate::server::Active) -> Self {
-        self._active = Some(active);
-        self
     }
 }
 

@@ -287,7 +287,7 @@ impl Conn {
                     let status = parts.status.as_u16();
                     Ok(Response::from_parts(
                         parts,
-                        LoggedBody::new(body, pending, info, status).holding(active),
+                        LoggedBody::new(body, pending, info, status, active),
                     ))
                 });
             fut
