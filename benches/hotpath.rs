@@ -75,7 +75,7 @@ async fn hot_loop(
             continue;
         };
         if let Ok(v) = limits.check_key(p.key_uid, p.limit(), 0) {
-            keygate::proxy::inject::strip_hop_by_hop(&mut headers);
+            keygate::proxy::headers::strip_hop_by_hop(&mut headers);
             headers.remove("x-api-key");
             headers.remove("host");
             headers.insert(http::header::AUTHORIZATION, bearer.clone());

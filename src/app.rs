@@ -89,6 +89,12 @@ pub struct AppState {
     live: ArcSwap<Live>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Held by whoever writes credentials into the live config: a refresh (poller, admin
+    /// write) and a reload's read-then-swap. Without it a reload could read the credentials,
+    /// lose the race to a secret write whose refresh lands on the old config, and then swap in
+    /// its stale copy. Async code locks it with `lock().await`, blocking code with
+    /// `blocking_lock()`.
+    credentials_writer: tokio::sync::Mutex<()>,
     pub reload_status: std::sync::Mutex<ReloadStatus>,
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
@@ -112,7 +118,28 @@ impl AppState {
     pub async fn reload(&self) -> Result<u64, String> {
         let _one = self.reloading.lock().await;
         let old = self.live();
-        let result = self.build_reloaded(&old).await;
+        let result = match self.build_reloaded(&old).await {
+            Ok((live, needs_restart)) => {
+                let live = Arc::new(live);
+                // Credentials are read under the writer lock and swapped in before it is
+                // released: a refresh that comes later refreshes the new config.
+                let _writer = self.credentials_writer.lock().await;
+                let (store, tenant, fresh) =
+                    (self.store.clone(), self.tenant.clone(), live.clone());
+                blocking(move || {
+                    fresh
+                        .credentials
+                        .refresh(store.as_ref(), &tenant, &fresh.config.routes)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .map(|()| {
+                    self.live.store(live.clone());
+                    (live, needs_restart)
+                })
+            }
+            Err(e) => Err(e),
+        };
         let mut status = self.reload_status.lock().unwrap_or_else(|e| e.into_inner());
         status.attempted_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -121,7 +148,6 @@ impl AppState {
             Ok((live, needs_restart)) => {
                 let generation = live.generation;
                 let routes = live.config.routes.len();
-                self.live.store(Arc::new(live));
                 // Verdicts are cached per route index; the indexes may mean other routes now.
                 self.passthrough.clear();
                 for field in &needs_restart {
@@ -163,17 +189,8 @@ impl AppState {
         } else {
             Arc::new(Upstream::new(&config.upstream).map_err(|e| e.to_string())?)
         };
-        let credentials = {
-            let store = self.store.clone();
-            let routes = config.routes.clone();
-            let tenant = self.tenant.clone();
-            blocking(move || {
-                let c = Credentials::new(routes.len());
-                c.refresh(store.as_ref(), &tenant, &routes).map(|()| c)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        };
+        // Filled by `reload` under the credentials writer lock.
+        let credentials = Credentials::new(config.routes.len());
         let live = Live {
             routes: RouteTable::new(&config.routes),
             limits: old.limits.reconfigured(&config.limits, &config.routes),
@@ -187,12 +204,35 @@ impl AppState {
         Ok((live, needs_restart))
     }
 
-    /// A key was seen in a cleartext request: if it is valid, it has leaked. Flag it (or revoke
-    /// it, by config), log the event by key id, never the key.
-    pub async fn cleartext_key_seen(&self, key: &Secret) {
-        let principal = match self.keys.authenticate(key.expose()).await {
-            Ok(Some(p)) => p,
-            _ => return,
+    /// Re-reads the credentials of the live config from the store. Blocking: call it from a
+    /// blocking task.
+    pub fn refresh_credentials(&self) -> Result<(), StoreError> {
+        let _writer = self.credentials_writer.blocking_lock();
+        let live = self.live();
+        live.credentials
+            .refresh(self.store.as_ref(), &self.tenant, &live.config.routes)
+    }
+
+    /// A key was seen in a cleartext request from `peer`: if it is valid, it has leaked. Flag
+    /// it (or revoke it, by config), log the event by key id, never the key. Store lookups
+    /// count against the peer's failed-authentication allowance, as on the TLS listeners.
+    pub async fn cleartext_key_seen(&self, key: &Secret, peer: std::net::IpAddr) {
+        let principal = match self.keys.cached(key.expose()) {
+            Some(p) => p,
+            None => {
+                let live = self.live();
+                if live.limits.ip_blocked(peer).is_some() {
+                    return;
+                }
+                match self.keys.authenticate(key.expose()).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        live.limits.auth_failed(peer);
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
         };
         self.metrics
             .exposed_keys_flagged
@@ -377,6 +417,7 @@ pub async fn start(
             config: config.clone(),
         }),
         reloading: tokio::sync::Mutex::new(()),
+        credentials_writer: tokio::sync::Mutex::new(()),
         reload_status: std::sync::Mutex::default(),
         tenant,
         store,
@@ -459,9 +500,7 @@ async fn poll_store(
         let polled = blocking(move || -> Result<_, StoreError> {
             let rev = st.store.revisions()?;
             if (rev.secrets, rev.env_vars) != (seen.secrets, seen.env_vars) {
-                let live = st.live();
-                live.credentials
-                    .refresh(st.store.as_ref(), &st.tenant, &live.config.routes)?;
+                st.refresh_credentials()?;
             }
             Ok(rev)
         })

@@ -16,7 +16,9 @@ use serde::Deserialize;
 /// config file and running with the example behave alike.
 pub const EMBEDDED_DEFAULTS: &str = include_str!("../config/keygate.toml");
 
-/// A configuration error: which field, and why. Never carries a value that could be secret.
+/// A configuration error: file, line and column, field, and why. Never carries the text of
+/// the file or a value from it: the error reaches `/readyz`, `/-/reload`, the log and
+/// `check-config`, and a config line may hold a literal credential.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
@@ -24,18 +26,50 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{origin}: `{field}`: {reason}")]
+    #[error("{origin}{at}: `{field}`: {reason}")]
     Parse {
         origin: String,
+        at: Location,
         field: String,
         reason: String,
     },
-    #[error("{origin}: `{field}`: {reason}")]
+    #[error("{origin}{at}: `{field}`: {reason}")]
     Invalid {
         origin: String,
+        at: Location,
         field: String,
         reason: String,
     },
+}
+
+/// Where in the file an error is: 1-based line and column (in characters), when known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Location(Option<(usize, usize)>);
+
+impl Location {
+    /// The location of byte offset `at` in `text`.
+    fn of(text: &str, at: usize) -> Location {
+        let Some(before) = text.get(..at.min(text.len())) else {
+            return Location(None);
+        };
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Location(Some((line, column)))
+    }
+
+    /// The 1-based line and column.
+    pub fn line_column(self) -> Option<(usize, usize)> {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ":{line}:{column}"),
+            None => Ok(()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -133,6 +167,8 @@ struct RawServer {
     max_body_size: Option<u64>,
     body_idle_timeout: Option<String>,
     idle_timeout: Option<String>,
+    #[serde(default)]
+    allow_encoded_slashes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +333,10 @@ pub struct ServerConfig {
     /// For HTTP/1.1 the wait for the next request head is also bounded by
     /// `header_read_timeout`, so an idle h1 connection closes at the shorter of the two.
     pub idle_timeout: Duration,
+    /// Whether a request path may carry `%2F` or `%5C` (kept encoded, matched as ordinary
+    /// characters). Off: such a path gets 400, since an upstream that decodes them would see
+    /// other path segments than the route was chosen by.
+    pub allow_encoded_slashes: bool,
 }
 
 /// One route: requests whose path starts with `prefix` (and whose host is `host`, when set)
@@ -343,13 +383,18 @@ impl Template {
                 .ok_or_else(|| "has an unclosed {env:...} placeholder".to_owned())?;
             let name = &after[..end];
             if name.is_empty() || name.contains(['{', '=']) {
-                return Err(format!("has a bad env var name {name:?} in a placeholder"));
+                return Err("has a bad env var name in a {env:...} placeholder".to_owned());
             }
             parts.push(TemplatePart::Env(name.to_owned()));
             rest = &after[end + 1..];
         }
         if !rest.is_empty() {
             parts.push(TemplatePart::Literal(rest.to_owned()));
+        }
+        for p in &parts {
+            if let TemplatePart::Literal(l) = p {
+                crate::proxy::headers::added_value(l).map_err(str::to_owned)?;
+            }
         }
         Ok(Template(parts))
     }
@@ -449,19 +494,110 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_owned(),
+            at: e
+                .span()
+                .map_or_else(Location::default, |s| Location::of(text, s.start)),
             field: "(syntax)".into(),
-            reason: one_line(&e.to_string()),
+            reason: without_values(e.message()),
         })?;
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .span()
+                .map(|s| Location::of(text, s.start))
+                .or_else(|| field_location(text, &field))
+                .unwrap_or_default();
             ConfigError::Parse {
                 origin: origin.to_owned(),
+                at,
                 field,
-                reason: one_line(&e.into_inner().to_string()),
+                reason: without_values(inner.message()),
             }
         })?;
-        validate(raw, origin)
+        validate(raw, origin).map_err(|e| match e {
+            ConfigError::Invalid {
+                origin,
+                field,
+                reason,
+                ..
+            } => ConfigError::Invalid {
+                at: field_location(text, &field).unwrap_or_default(),
+                origin,
+                field,
+                reason,
+            },
+            other => other,
+        })
     }
+}
+
+/// An error message with every value it quotes blanked out. serde quotes the offending value
+/// (`invalid type: string "sk-…", expected a boolean`, ``unknown variant `sk-…` ``); the
+/// message must not carry it. Field names and expected values stay.
+fn without_values(message: &str) -> String {
+    let one = one_line(message);
+    let mut out = String::with_capacity(one.len());
+    let mut chars = one.chars();
+    // `unknown variant `X`, expected …`: the first backquoted word is the value.
+    let mut redact_backquote = one.starts_with("unknown variant `");
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push_str("\"(value not shown)\"");
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match (escaped, c) {
+                        (false, '\\') => escaped = true,
+                        (false, '"') => break,
+                        _ => escaped = false,
+                    }
+                }
+            }
+            '`' if redact_backquote => {
+                redact_backquote = false;
+                out.push_str("`(value not shown)`");
+                for c in chars.by_ref() {
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Where the value of `field` (`route[2].upstream`, `server.max_headers`) starts in `text`,
+/// found by walking the spanned document.
+fn field_location(text: &str, field: &str) -> Option<Location> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table: &DeTable<'_> = doc.get_ref();
+    let mut span = None;
+    let mut segments = field.split('.').peekable();
+    while let Some(seg) = segments.next() {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, rest.strip_suffix(']')?.parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        let mut value = value;
+        if let Some(i) = index {
+            let DeValue::Array(items) = value.get_ref() else {
+                return None;
+            };
+            value = items.get(i)?;
+        }
+        span = Some(value.span());
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ if segments.peek().is_some() => return None,
+            _ => {}
+        }
+    }
+    span.map(|s| Location::of(text, s.start))
 }
 
 fn one_line(s: &str) -> String {
@@ -480,6 +616,7 @@ impl Check<'_> {
     fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin.to_owned(),
+            at: Location::default(),
             field: field.into(),
             reason: reason.into(),
         }
@@ -659,6 +796,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             }
             n => n,
         },
+        allow_encoded_slashes: raw.server.allow_encoded_slashes,
         max_uri_length: match raw.server.max_uri_length {
             Some(n) if !(256..=65_535).contains(&n) => {
                 return Err(c.err("server.max_uri_length", "must be between 256 and 65535"))
@@ -728,31 +866,13 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     })
 }
 
-/// Headers a route may not set or inject into: framing, routing and hop-by-hop ones.
-const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "content-length",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
-
-fn header_name(c: &Check<'_>, field: &str, name: &str) -> Result<http::HeaderName, ConfigError> {
-    let h = http::HeaderName::from_bytes(name.trim().as_bytes())
-        .map_err(|_| c.err(field, format!("{name:?} is not a valid header name")))?;
-    if RESERVED_HEADERS.contains(&h.as_str()) {
-        return Err(c.err(
-            field,
-            format!("{name:?} is a framing or hop-by-hop header and cannot be set"),
-        ));
-    }
-    Ok(h)
+fn header_name(
+    c: &Check<'_>,
+    field: &str,
+    name: &str,
+    rule: fn(&str) -> Result<http::HeaderName, String>,
+) -> Result<http::HeaderName, ConfigError> {
+    rule(name).map_err(|why| c.err(field, why))
 }
 
 fn validate_inject(
@@ -810,9 +930,12 @@ fn validate_inject(
             };
             let header = match t.remove("header") {
                 None => None,
-                Some(toml::Value::String(h)) => {
-                    Some(header_name(c, &format!("{field}.header"), &h)?)
-                }
+                Some(toml::Value::String(h)) => Some(header_name(
+                    c,
+                    &format!("{field}.header"),
+                    &h,
+                    crate::proxy::headers::credential_name,
+                )?),
                 Some(_) => return Err(c.err(format!("{field}.header"), "must be a header name")),
             };
             let prefix = match t.remove("prefix") {
@@ -852,6 +975,14 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
         return Err(c.err(
             format!("route[{i}].prefix"),
             "must be a plain path (no control characters, ? or #)",
+        ));
+    }
+    // Requests are matched on their normalised path, so a prefix that is not normalised
+    // could never match.
+    if !matches!(crate::proxy::path::normalize(&r.prefix, true), Ok(None)) {
+        return Err(c.err(
+            format!("route[{i}].prefix"),
+            "must be a normalised path (no . or .. segments, no //, no percent-encoded unreserved characters)",
         ));
     }
     let field = format!("route[{i}].upstream");
@@ -910,7 +1041,7 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
     let mut set_headers = Vec::with_capacity(r.set_headers.len());
     for (k, v) in r.set_headers {
         let f = format!("route[{i}].set_headers.{k}");
-        let h = header_name(c, &f, &k)?;
+        let h = header_name(c, &f, &k, crate::proxy::headers::added_name)?;
         let t = Template::parse(&v).map_err(|reason| c.err(&f, reason))?;
         set_headers.push((h, t));
     }
@@ -978,6 +1109,41 @@ mod tests {
         assert!(e.contains("`tls.key`"), "{e}");
         let e = err("this is not toml");
         assert!(e.contains("t.toml"), "{e}");
+    }
+
+    #[test]
+    fn errors_give_line_and_column_and_never_the_text() {
+        const S: &str = "sk-SENTINEL1234567890";
+        let route =
+            "[[route]]\nprefix = \"/\"\nupstream = \"https://x\"\ninject = { ai_secret = \"A\" }\n";
+        let cases = [
+            // Syntax errors on the line holding a literal credential.
+            format!("{route}set_headers = {{ \"x-static\" = \"Bearer {S} }}\n"),
+            format!("{route}set_headers = {{ \"x-static\" = \"Bearer {S}\" }} junk\n"),
+            format!("{route}set_headers = {{ \"x-static\" = Bearer {S} }}\n"),
+            format!("[server]\nmax_headers = {S}\n"),
+            // Type and value errors, where serde quotes the value.
+            format!("{route}strip_prefix = \"{S}\"\n"),
+            format!("[keys]\non_cleartext = \"{S}\"\n"),
+            format!("[listen]\nproxy = \"{S}\"\n"),
+            format!("[store]\npath = [\"{S}\"]\n"),
+            format!("{route}set_headers = {{ \"x-static\" = \"Bearer {S}\\r\\n\" }}\n"),
+            format!("{route}set_headers = {{ \"x-static\" = \"{{env:{S}\" }}\n"),
+            format!("[[route]]\nprefix = \"/{S}/..\"\nupstream = \"https://x\"\ninject = {{ ai_secret = \"A\" }}\n"),
+        ];
+        for text in &cases {
+            let e = err(text);
+            assert!(!e.contains("SENTINEL"), "config text echoed: {e}");
+            assert!(
+                e.starts_with("t.toml:")
+                    && e[7..].split(':').next().unwrap().parse::<u32>().is_ok(),
+                "no line number: {e}"
+            );
+        }
+        let e = err(&format!("{route}strip_prefix = \"{S}\"\n"));
+        assert!(e.starts_with("t.toml:5:16: `route[0].strip_prefix`"), "{e}");
+        let e = err("[server]\nmax_headers = 0\n");
+        assert!(e.starts_with("t.toml:2:15: `server.max_headers`"), "{e}");
     }
 
     #[test]

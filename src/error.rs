@@ -49,6 +49,9 @@ pub enum ProxyError {
     /// The request target is longer than `server.max_uri_length`.
     #[error("request URI too long")]
     UriTooLong(usize),
+    /// The request path cannot be normalised safely (climbs above the root, encoded slash, …).
+    #[error("bad request path: {0}")]
+    BadPath(#[from] crate::proxy::path::PathError),
     /// The body is larger than `server.max_body_size` (declared, or found while streaming).
     #[error("request body too large")]
     BodyTooLarge(u64),
@@ -72,10 +75,7 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let (status, message): (StatusCode, std::borrow::Cow<'static, str>) = match &self {
             ProxyError::Unauthorized => {
-                return json_response(
-                    StatusCode::UNAUTHORIZED,
-                    Bytes::from_static(UNAUTHORIZED_BODY.as_bytes()),
-                );
+                return unauthorized();
             }
             ProxyError::StoreUnavailable => {
                 tracing::error!(error = %self, "failing closed");
@@ -120,6 +120,7 @@ impl ProxyError {
                 tracing::warn!(error = %chain(e), "upstream request failed");
                 (StatusCode::BAD_GATEWAY, "upstream request failed".into())
             }
+            ProxyError::BadPath(why) => (StatusCode::BAD_REQUEST, why.to_string().into()),
             ProxyError::UriTooLong(max) => (
                 StatusCode::URI_TOO_LONG,
                 format!("request URI longer than {max} bytes").into(),
@@ -143,6 +144,20 @@ impl ProxyError {
         };
         error_response(status, &message)
     }
+}
+
+/// The one 401 answer, with the challenge RFC 9110 §11.6.1 requires. `Bearer` names the
+/// `Authorization` form; `x-api-key` works too, as the body says.
+fn unauthorized() -> Response<Body> {
+    let mut res = json_response(
+        StatusCode::UNAUTHORIZED,
+        Bytes::from_static(UNAUTHORIZED_BODY.as_bytes()),
+    );
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"keygate\""),
+    );
+    res
 }
 
 /// The 429 answer: JSON error, `Retry-After`, `RateLimit-Policy` and `RateLimit`.
@@ -244,10 +259,7 @@ impl AdminError {
     pub fn into_response(self) -> Response<Body> {
         let (status, message): (StatusCode, std::borrow::Cow<'_, str>) = match &self {
             AdminError::Unauthorized => {
-                return json_response(
-                    StatusCode::UNAUTHORIZED,
-                    Bytes::from_static(UNAUTHORIZED_BODY.as_bytes()),
-                );
+                return unauthorized();
             }
             AdminError::Forbidden => (
                 StatusCode::FORBIDDEN,

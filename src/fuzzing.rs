@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use crate::admin::{ai_secrets, api_keys, env_vars, request};
 use crate::config::Config;
 use crate::proxy::authenticate::{bearer_token, presented_key};
-use crate::proxy::inject::strip_hop_by_hop;
+use crate::proxy::headers::strip_hop_by_hop;
 use crate::proxy::routes::{request_host, RouteTable};
 use crate::secret::Secret;
 

@@ -132,6 +132,23 @@ impl KeyCache {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// The principal of `key` if the cache already knows it as valid now (a fresh positive
+    /// entry at the current revision), without reading the store. `None` says nothing about
+    /// the key, only that answering would take a store read.
+    pub fn cached(&self, key: &str) -> Option<Principal> {
+        let now = self.now_ms();
+        if now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) > self.staleness_bound_ms
+            || !is_well_formed_key(key)
+        {
+            return None;
+        }
+        let slot = self.slots.get(&self.slot_id(key))?;
+        (u64::from(slot.revision) >= self.current.load(Ordering::Acquire)
+            && u64::from(slot.expires_s) * 1000 > now)
+            .then(|| slot.principal())
+            .flatten()
+    }
+
     /// The principal of `key`, or `None` for any key that is not valid now.
     pub async fn authenticate(&self, key: &str) -> Result<Option<Principal>, LookupError> {
         let now = self.now_ms();

@@ -145,7 +145,14 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, serving: bool) {
-    let default = if serving { "info" } else { "warn" };
+    // rustls warns about what peers do (an IP address as SNI, as wrk and Python send; a
+    // warning alert): one line per connection from ordinary clients is log flooding, so its
+    // lines show only when asked for (KEYGATE_LOG=debug,rustls=debug).
+    let default = if serving {
+        "info,rustls=error"
+    } else {
+        "warn,rustls=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()

@@ -265,6 +265,9 @@ impl Conn {
         // Each request's future is boxed: hyper keeps a slot of the service future's size for
         // the whole connection, so an unboxed pipeline future (several KiB) would be memory
         // held by every idle keep-alive connection. One allocation per request is cheaper.
+        // hyper enforces the header count on h1 only (and h2's size cap below); h2 requests
+        // are counted here, so both protocols answer 431 alike.
+        let max_headers = h2.then_some(server.max_headers);
         let svc = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
             let active = Active::enter(&activity);
@@ -275,6 +278,12 @@ impl Conn {
                     // this future mid-way.
                     let in_flight = (plane == Plane::Proxy).then(|| InFlight::enter(&state));
                     let res = match plane {
+                        _ if max_headers.is_some_and(|max| req.headers().len() > max) => {
+                            crate::error::error_response(
+                                hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "too many request headers",
+                            )
+                        }
                         Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
                         Plane::Admin => crate::admin::handle(state.clone(), req, peer.ip()).await,
                     };
@@ -292,9 +301,9 @@ impl Conn {
                 });
             fut
         });
-        let io = TokioIo::new(tls);
         let shutdown = self.shutdown.clone();
         if h2 {
+            let io = TokioIo::new(tls);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(100)
@@ -303,14 +312,23 @@ impl Conn {
                 // and 1 MiB), so memory stays bounded per stream under many slow streams.
                 .max_send_buf_size(64 * 1024)
                 .initial_stream_window_size(256 * 1024)
-                .max_header_list_size(32 * 1024)
+                // The same bound as h1's head buffer (16 KiB): over it, h2 answers 431.
+                .max_header_list_size(MAX_HEAD as u32)
                 // Dead peers (a vanished laptop, a dropped NAT entry) are found by PING and
                 // closed, instead of holding their streams and buffers forever.
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .serve_connection(io, svc);
-            Box::pin(drive(Box::pin(conn), shutdown, idle, peer, self._permit))
+            Box::pin(drive(
+                Box::pin(conn),
+                shutdown,
+                idle,
+                peer,
+                self._permit,
+                None,
+            ))
         } else {
+            let (back, returned) = tokio::sync::oneshot::channel();
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(server.header_read_timeout)
@@ -319,10 +337,17 @@ impl Conn {
                 // connection, and it also caps a request head. 16 KiB: W2 (64 slow uploads)
                 // held 307 KiB per upload with 64 KiB here and in the upstream send buffer,
                 // 130 KiB with 16 KiB here and 32 KiB there, at the same upload rate.
-                .max_buf_size(16 * 1024)
+                .max_buf_size(MAX_HEAD)
                 .keep_alive(true)
-                .serve_connection(io, svc);
-            Box::pin(drive(Box::pin(conn), shutdown, idle, peer, self._permit))
+                .serve_connection(TokioIo::new(Handback::new(tls, back)), svc);
+            Box::pin(drive(
+                Box::pin(conn),
+                shutdown,
+                idle,
+                peer,
+                self._permit,
+                Some(returned),
+            ))
         }
     }
 }
@@ -368,13 +393,16 @@ struct Idle {
 }
 
 /// Drives `conn` to its end. On shutdown, or once it has had no request in progress for the
-/// idle timeout, asks it to finish gracefully (h2: GOAWAY) and waits for that.
+/// idle timeout, asks it to finish gracefully (h2: GOAWAY) and waits for that. An h1
+/// connection's stream comes back through `returned` once hyper is done with it, for a
+/// lingering close.
 async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
     idle: Idle,
     peer: SocketAddr,
     _permit: ConnSlot,
+    returned: Option<tokio::sync::oneshot::Receiver<TlsStream<TcpStream>>>,
 ) {
     // Re-armed rather than reset per request: it wakes at most once per idle period, and on
     // waking it looks at when the last request ended.
@@ -385,7 +413,7 @@ async fn drive<C: Graceful + ?Sized>(
             r = conn.as_mut() => break r,
             _ = signalled(&mut shutdown) => {
                 conn.as_mut().graceful_shutdown();
-                break conn.await;
+                break conn.as_mut().await;
             }
             _ = timer.as_mut() => {
                 let now = tokio::time::Instant::now();
@@ -395,7 +423,7 @@ async fn drive<C: Graceful + ?Sized>(
                         conn.as_mut().graceful_shutdown();
                         // A shutdown signal during this wait needs nothing more: the
                         // connection is already finishing.
-                        break conn.await;
+                        break conn.as_mut().await;
                     }
                     Some(at) => timer.as_mut().reset(at),
                     // Busy: look again after one more period.
@@ -404,8 +432,136 @@ async fn drive<C: Graceful + ?Sized>(
             }
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    drop(conn);
+    if let Some(returned) = returned {
+        if let Ok(stream) = returned.await {
+            if !*shutdown.borrow() {
+                lingering_close(stream).await;
+            }
+        }
+    }
+}
+
+/// The longest request head (h1 read buffer, h2 header list).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// A lingering close, as nginx does it: send our side's end (TLS close_notify, TCP FIN), then
+/// read and discard what the client still sends, for a bounded time. Closing a socket with
+/// unread data makes the kernel send a reset, which can destroy an answer (a 431 to a client
+/// still writing its 64 KiB header) before the client has read it.
+async fn lingering_close(mut stream: TlsStream<TcpStream>) {
+    const TOTAL: Duration = Duration::from_secs(2);
+    const QUIET: Duration = Duration::from_millis(500);
+    const MAX_DISCARD: usize = 1 << 20;
+    let _ = tokio::time::timeout(TOTAL, async {
+        let _ = tokio::time::timeout(QUIET, stream.shutdown()).await;
+        let mut sink = [0u8; 4096];
+        let mut discarded = 0usize;
+        while discarded < MAX_DISCARD {
+            match tokio::time::timeout(QUIET, stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => discarded += n,
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+/// An h1 connection's TLS stream, handed back through a channel when hyper drops it, so that
+/// the connection can still be closed with a lingering close.
+struct Handback {
+    io: Option<TlsStream<TcpStream>>,
+    back: Option<tokio::sync::oneshot::Sender<TlsStream<TcpStream>>>,
+}
+
+impl Handback {
+    fn new(
+        io: TlsStream<TcpStream>,
+        back: tokio::sync::oneshot::Sender<TlsStream<TcpStream>>,
+    ) -> Self {
+        Handback {
+            io: Some(io),
+            back: Some(back),
+        }
+    }
+
+    fn io(&mut self) -> std::io::Result<Pin<&mut TlsStream<TcpStream>>> {
+        match self.io.as_mut() {
+            Some(io) => Ok(Pin::new(io)),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl Drop for Handback {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Handback {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Handback {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -436,7 +592,7 @@ async fn answer_cleartext(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
     if let Some(key) = key_in_head(&head) {
-        state.cleartext_key_seen(&key).await;
+        state.cleartext_key_seen(&key, peer.ip()).await;
     }
     let _ = tcp.write_all(CLEARTEXT_ANSWER).await;
     let _ = tcp.shutdown().await;

@@ -157,6 +157,25 @@ pub(crate) fn check_type(t: &Option<String>) -> Result<(), AdminError> {
     }
 }
 
+/// `metadata.additionalHeaders`, when present, follows the rules of `set_headers`: checked
+/// here (400 naming the header) and again when the route's credential is built. In a PATCH,
+/// `null` entries delete and are not headers.
+fn check_metadata(metadata: Option<&Map<String, Value>>) -> Result<(), AdminError> {
+    let Some(extra) = metadata.and_then(|m| m.get("additionalHeaders")) else {
+        return Ok(());
+    };
+    if extra.is_null() {
+        return Ok(());
+    }
+    let mut present = extra.clone();
+    if let Some(obj) = present.as_object_mut() {
+        obj.retain(|_, v| !v.is_null());
+    }
+    crate::proxy::headers::additional_headers(&present)
+        .map(|_| ())
+        .map_err(AdminError::BadRequest)
+}
+
 async fn write(
     ctx: &Ctx,
     req: Request<Incoming>,
@@ -166,6 +185,7 @@ async fn write(
     let b: WriteBody = required_body(&parts.headers, body).await?;
     check_name("name", &b.name)?;
     check_type(&b.secret_type)?;
+    check_metadata(b.metadata.as_ref())?;
     let org = ctx.org(b.org_name.as_deref()).await?;
     let w = AiSecretWrite {
         name: b.name,
@@ -197,6 +217,7 @@ async fn patch(
                 check_name("name", n)?;
             }
             check_type(&b.secret_type)?;
+            check_metadata(b.metadata.as_ref())?;
             AiSecretPatch {
                 name: b.name,
                 secret_type: b.secret_type,

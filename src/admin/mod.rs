@@ -2,7 +2,7 @@
 //! `/v1/env_var`) with the Braintrust wire contract, so the official clients work unmodified.
 //!
 //! ```text
-//!  OPTIONS (any path) ─▶ CORS preflight answer, no key needed
+//!  OPTIONS /v1/...    ─▶ CORS preflight answer, no key needed (only /v1/... is cross-origin)
 //!  /healthz           ─▶ 200, no key needed
 //!  /, /ui/*           ─▶ the settings page (static; it signs in with an admin key itself)
 //!  /readyz, /metrics  ─▶ no key needed
@@ -41,7 +41,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) 
         route: Some("admin".into()),
         ..Default::default()
     };
-    let mut res = if req.method() == Method::OPTIONS {
+    // Only the admin API answers cross-origin: it needs a key. The ops endpoints, the page and
+    // everything else stay same-origin, so no web page the operator visits can read them.
+    let api = is_api_path(req.uri().path());
+    let mut res = if req.method() == Method::OPTIONS && api {
         preflight(&req)
     } else {
         match route(state.clone(), req, peer, &mut info).await {
@@ -59,11 +62,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) 
         }
     };
     res.extensions_mut().insert(info);
-    res.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    if api {
+        res.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+    }
     res
+}
+
+/// Whether `path` is under the admin API (`/v1/...`), the one part served cross-origin.
+fn is_api_path(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
 }
 
 /// What a handler gets: the shared state and the authenticated admin.
@@ -126,9 +136,7 @@ impl AppState {
     /// After a secret or env var write: rebuild the routes' credentials (and templated
     /// headers) now, not at the next poll.
     pub fn secrets_changed(&self) -> Result<(), StoreError> {
-        let live = self.live();
-        live.credentials
-            .refresh(self.store.as_ref(), &self.tenant, &live.config.routes)
+        self.refresh_credentials()
     }
 }
 
@@ -205,10 +213,14 @@ async fn authenticate(
     info: &mut crate::access::AccessInfo,
 ) -> Result<(Principal, HeaderValue), AdminError> {
     let live = state.live();
+    let presented = crate::proxy::authenticate::presented_key(headers);
     if let Some(l) = live.limits.ip_blocked(peer) {
-        return Err(AdminError::RateLimited(l));
+        // As on the proxy listener: a key cached as valid is never refused by the throttle.
+        if presented.and_then(|k| state.keys.cached(k)).is_none() {
+            return Err(AdminError::RateLimited(l));
+        }
     }
-    let found = match crate::proxy::authenticate::presented_key(headers) {
+    let found = match presented {
         None => Ok(None),
         Some(key) => state.keys.authenticate(key).await,
     };

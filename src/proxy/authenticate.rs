@@ -2,7 +2,9 @@
 //!
 //! The key comes from `x-api-key`, or else from `Authorization: Bearer`. On an ai_secret route
 //! it must be a keygate key (through the key cache) that may use the route (403 otherwise); on a
-//! passthrough route the upstream must accept it. Every refusal of the key itself is the same
+//! passthrough route the upstream must accept it, and a keygate key is refused (403) before it
+//! could be sent there. While the peer is throttled for failed attempts, only keys already
+//! cached as valid get through. Every refusal of the key itself is the same
 //! `Unauthorized`, so a client cannot tell a malformed key from a revoked one.
 
 use http::header::{HeaderMap, AUTHORIZATION};
@@ -12,6 +14,7 @@ use http::HeaderValue;
 
 use crate::app::{AppState, Live};
 use crate::config::{Inject, Route};
+use crate::crypto::is_well_formed_key;
 use crate::error::ProxyError;
 use crate::keycache::LookupError;
 use crate::store::Principal;
@@ -65,7 +68,12 @@ pub async fn authenticate(
     peer: IpAddr,
 ) -> Result<Grant, ProxyError> {
     if let Some(l) = live.limits.ip_blocked(peer) {
-        return Err(ProxyError::RateLimited(l));
+        // The throttle guards the store (and a passthrough upstream) against unknown keys. A
+        // key already known as valid costs neither, and refusing it would lock out every good
+        // client behind the same address (as a sidecar, all of them are 127.0.0.1).
+        if !known(state, route, headers).await {
+            return Err(ProxyError::RateLimited(l));
+        }
     }
     match check(state, live, route, headers).await {
         Err(ProxyError::Unauthorized) => Err(match live.limits.auth_failed(peer) {
@@ -73,6 +81,22 @@ pub async fn authenticate(
             None => ProxyError::Unauthorized,
         }),
         other => other,
+    }
+}
+
+/// Whether the presented key is cached as valid for the route: no store read, no upstream call.
+async fn known(state: &AppState, (index, route): (usize, &Route), headers: &HeaderMap) -> bool {
+    let Some(key) = presented_key(headers) else {
+        return false;
+    };
+    match &route.inject {
+        Inject::Passthrough(_) => {
+            state
+                .passthrough
+                .known_valid(&state.master, index, key)
+                .await
+        }
+        Inject::AiSecret { .. } => state.keys.cached(key).is_some(),
     }
 }
 
@@ -84,6 +108,22 @@ async fn check(
 ) -> Result<Grant, ProxyError> {
     let key = presented_key(headers).ok_or(ProxyError::Unauthorized)?;
     if let Inject::Passthrough(v) = &route.inject {
+        // A key keygate issued never leaves keygate, whatever its route permissions say.
+        if is_well_formed_key(key) {
+            match state.keys.authenticate(key).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    return Err(ProxyError::Forbidden {
+                        route: route.name.to_string(),
+                    })
+                }
+                Err(LookupError::Stale) => return Err(ProxyError::StoreUnavailable),
+                Err(LookupError::Store(e)) => {
+                    tracing::error!(error = %e, "key lookup failed");
+                    return Err(ProxyError::StoreUnavailable);
+                }
+            }
+        }
         let (bearer, uid) = state
             .passthrough
             .validate(&state.master, &live.upstream, (index, route), v, key)

@@ -1,5 +1,7 @@
 //! Body wrappers on the way through: a cap on request bodies of unknown length, and an idle
-//! timeout on upstream response bodies.
+//! timeout on upstream response bodies. Both also pass trailers through the header rules of
+//! [`super::headers`]: a request trailer loses the client's credentials, a response trailer
+//! that echoes the injected secret is dropped.
 //!
 //! Both end the body with an error, never with a clean end: hyper then ends the other side
 //! abnormally (h1: connection closed without the last chunk; h2: RST_STREAM), so a cut body is
@@ -13,7 +15,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderName;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use super::credentials::Resolved;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -44,6 +49,8 @@ pub struct Capped<B> {
     /// no data (created then, the first time), never while nobody polls (upstream backpressure).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
+    /// The route's own credential header, stripped from trailers as from headers.
+    route_header: Option<HeaderName>,
 }
 
 /// What became of a request body, readable after the upstream request failed (over h2 the
@@ -79,7 +86,14 @@ impl<B> Capped<B> {
             idle,
             timer: None,
             waiting: false,
+            route_header: None,
         }
+    }
+
+    /// Also strips `name` (the route's own credential header) from the body's trailers.
+    pub fn stripping(mut self, name: Option<HeaderName>) -> Self {
+        self.route_header = name;
+        self
     }
 }
 
@@ -121,6 +135,13 @@ where
         };
         // Data came: the next wait starts a fresh clock.
         self.waiting = false;
+        let polled = match polled.into_trailers() {
+            Ok(mut trailers) => {
+                super::headers::filter_request_trailers(&mut trailers, self.route_header.as_ref());
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            Err(frame) => frame,
+        };
         if let (Some(max), Some(d)) = (self.max, polled.data_ref()) {
             self.seen += d.len() as u64;
             if self.seen > max {
@@ -147,6 +168,8 @@ pub struct IdleGuard<B> {
     inner: B,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// What the route injected (for the reflection guard on trailers) and the route's name.
+    injected: Option<(Arc<Resolved>, Arc<str>)>,
 }
 
 impl<B> IdleGuard<B> {
@@ -155,7 +178,14 @@ impl<B> IdleGuard<B> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            injected: None,
         }
+    }
+
+    /// Drops trailers that echo the secret `injected` carries, on route `route`.
+    pub fn guarding(mut self, injected: Arc<Resolved>, route: Arc<str>) -> Self {
+        self.injected = Some((injected, route));
+        self
     }
 }
 
@@ -175,7 +205,19 @@ where
             Poll::Ready(Some(Ok(f))) => {
                 let next = tokio::time::Instant::now() + self.idle;
                 self.timer.as_mut().reset(next);
-                Poll::Ready(Some(Ok(f)))
+                match f.into_trailers() {
+                    Ok(mut trailers) => {
+                        let (secret, route) = match &self.injected {
+                            Some((r, name)) => {
+                                (r.secret.as_ref().map(|s| s.expose().as_bytes()), &**name)
+                            }
+                            None => (None, ""),
+                        };
+                        super::headers::filter_response_trailers(&mut trailers, secret, route);
+                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    Err(f) => Poll::Ready(Some(Ok(f))),
+                }
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),

@@ -127,9 +127,7 @@ pub fn provider_header(secret_type: Option<&str>) -> (HeaderName, &'static str) 
 }
 
 fn sensitive(v: &str) -> Option<HeaderValue> {
-    let mut h = HeaderValue::from_str(v).ok()?;
-    h.set_sensitive(true);
-    Some(h)
+    super::headers::added_value(v).ok()
 }
 
 /// A route's additions, or why it has none.
@@ -181,21 +179,11 @@ fn resolve(
             .as_ref()
             .and_then(|m| m.get("additionalHeaders"))
         {
-            let Some(obj) = extra.as_object() else {
-                return Ok(Err(format!(
-                    "ai_secret {name}: metadata.additionalHeaders must be an object"
-                )));
-            };
-            for (k, v) in obj {
-                let (Ok(h), Some(v)) = (
-                    HeaderName::from_bytes(k.as_bytes()),
-                    v.as_str().and_then(sensitive),
-                ) else {
-                    return Ok(Err(format!(
-                        "ai_secret {name}: metadata.additionalHeaders.{k} is not a valid header"
-                    )));
-                };
-                r.extra.push((h, v));
+            // The admin API checks this at write time; a row written before that check (or
+            // by another tool) is checked again here, with the same rules.
+            match super::headers::additional_headers(extra) {
+                Ok(headers) => r.extra.extend(headers),
+                Err(why) => return Ok(Err(format!("ai_secret {name}: {why}"))),
             }
         }
         r.secret = Some(value);
@@ -209,12 +197,22 @@ fn resolve(
                 )))
             }
         };
-        let Some(v) = sensitive(&rendered) else {
+        let Ok(v) = super::headers::added_value(&rendered) else {
             return Ok(Err(format!(
                 "set_headers.{h} renders to a value not allowed in an HTTP header"
             )));
         };
         r.extra.push((h.clone(), v));
+    }
+    // An added header never replaces the credential itself.
+    if let Some((h, _)) = r
+        .extra
+        .iter()
+        .find(|(h, _)| r.credential.iter().any(|(c, _)| c == h))
+    {
+        return Ok(Err(format!(
+            "an added header ({h}) would replace the route's credential header"
+        )));
     }
     Ok(Ok(r))
 }

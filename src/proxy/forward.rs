@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{HeaderName, HeaderValue, Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -20,7 +20,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::bodies::{BodyOutcome, Capped, IdleGuard};
-use super::inject::strip_hop_by_hop;
+use super::credentials::Resolved;
+use super::headers::{remove_echoes, strip_hop_by_hop};
 use crate::config::{Route, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::tls::TlsError;
@@ -111,11 +112,11 @@ impl Upstream {
 }
 
 /// Sends `req` to the route's upstream and returns its response, streaming. Response headers
-/// that echo `secret` (the injected credential) are removed (reflection guard).
+/// and trailers that echo the injected secret are removed (reflection guard).
 pub async fn forward(
     up: &Upstream,
     (_, route): (usize, &Route),
-    secret: Option<&crate::secret::Secret>,
+    injected: std::sync::Arc<Resolved>,
     mut req: Request<Incoming>,
     (max_body, body_idle): (Option<u64>, Duration),
 ) -> Result<Response<Body>, ProxyError> {
@@ -124,7 +125,9 @@ pub async fn forward(
     // The client picks h1 or h2 per pooled connection; the request itself starts as 1.1.
     *req.version_mut() = Version::HTTP_11;
     let outcome = BodyOutcome::default();
-    let req = req.map(|b| Either::Left(Capped::new(b, max_body, body_idle, &outcome)));
+    let strip = injected.strip.clone();
+    let req =
+        req.map(|b| Either::Left(Capped::new(b, max_body, body_idle, &outcome).stripping(strip)));
     let res = match tokio::time::timeout(up.response_header_timeout, up.client.request(req)).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         // The client's body failed, not the upstream: answer as the client's error.
@@ -137,32 +140,17 @@ pub async fn forward(
     };
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(secret) = secret {
-        remove_echoes(&mut parts.headers, secret.expose().as_bytes(), &route.name);
+    if let Some(secret) = &injected.secret {
+        remove_echoes(
+            &mut parts.headers,
+            secret.expose().as_bytes(),
+            &route.name,
+            "header",
+        );
     }
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        parts,
-        Either::Left(IdleGuard::new(body, up.body_idle_timeout)),
-    ))
-}
-
-/// Removes every header whose value contains `needle`, and says so (never with the value).
-fn remove_echoes(headers: &mut http::HeaderMap, needle: &[u8], route: &str) {
-    if needle.is_empty() {
-        return;
-    }
-    let finder = memchr::memmem::Finder::new(needle);
-    let echoed: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(_, v)| finder.find(v.as_bytes()).is_some())
-        .map(|(k, _)| k.clone())
-        .collect();
-    for name in echoed {
-        headers.remove(&name);
-        tracing::warn!(route = %route, header = %name,
-            "upstream response header echoed the injected secret; header removed");
-    }
+    let body = IdleGuard::new(body, up.body_idle_timeout).guarding(injected, route.name.clone());
+    Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
 /// The path and query to send upstream: the client's, minus the route prefix when the route

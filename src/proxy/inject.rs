@@ -7,7 +7,7 @@
 //! Then, in order: defaults the client did not send (`anthropic-version`), the credential (or
 //! the validated passthrough key), and the route's extra headers.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header;
 use hyper::body::Incoming;
 use hyper::Request;
 
@@ -15,44 +15,9 @@ use std::sync::Arc;
 
 use super::authenticate::Grant;
 use super::credentials::{Credential, Credentials, Resolved};
+use super::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::config::Route;
 use crate::error::ProxyError;
-
-/// Hop-by-hop headers, never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-
-/// Removes hop-by-hop headers and the headers `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        // By bytes, not `to_str`: a value with a non-ASCII byte must not hide the names in it.
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-/// Credential headers of every kind keygate injects: the client's own are always removed.
-const CLIENT_CREDENTIALS: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("x-goog-api-key"),
-    HeaderName::from_static("api-key"),
-];
 
 /// Strips the request's own credentials and hop-by-hop headers and adds what the route adds.
 /// Returns the route's additions (the forward stage needs the secret for its reflection guard).
@@ -76,12 +41,7 @@ pub fn inject(
     if keep_te {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
-    for name in &CLIENT_CREDENTIALS {
-        headers.remove(name);
-    }
-    if let Some(name) = &resolved.strip {
-        headers.remove(name);
-    }
+    strip_client_credentials(headers, resolved.strip.as_ref());
     headers.remove(header::HOST);
     for (name, value) in &resolved.defaults {
         if !headers.contains_key(name) {
@@ -98,43 +58,4 @@ pub fn inject(
         headers.insert(name.clone(), value.clone());
     }
     Ok(resolved)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_names_are_honoured_even_next_to_non_ascii_bytes() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_bytes(b"x-secret-hop, \xff\xfe, keep-alive").unwrap(),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert!(h.get("x-secret-hop").is_none());
-        assert!(h.get(header::CONNECTION).is_none());
-        assert!(h.get("x-kept").is_some());
-    }
-    use http::HeaderValue;
-
-    #[test]
-    fn connection_named_and_hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("x-foo, Authorization, keep-alive"),
-        );
-        h.insert("x-foo", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert("x-keep", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-keep"], "yes");
-    }
 }

@@ -1,8 +1,8 @@
 //! The data plane: one request, top to bottom.
 //!
 //! ```text
-//! client ─TLS─▶ route ─▶ authenticate ─▶ limit ─▶ inject ─▶ forward ─▶ upstream
-//!                404   401/403/429/502/503  429      503      502/504
+//! client ─TLS─▶ path ─▶ route ─▶ authenticate ─▶ limit ─▶ inject ─▶ forward ─▶ upstream
+//!               400     404   401/403/429/502/503  429      503      502/504
 //! ```
 //!
 //! Each stage is a function of its own file; `handle` always answers, errors become responses
@@ -12,9 +12,11 @@ pub mod authenticate;
 pub mod bodies;
 pub mod credentials;
 pub mod forward;
+pub mod headers;
 pub mod inject;
 pub mod limit;
 pub mod passthrough;
+pub mod path;
 pub mod routes;
 
 use std::net::IpAddr;
@@ -80,6 +82,11 @@ async fn pipeline(
             return Err(ProxyError::BodyTooLarge(max));
         }
     }
+    // From here on the path is the normalised one: the route is chosen by it and the
+    // upstream gets exactly it.
+    if let Some(normal) = path::normalize(req.uri().path(), server.allow_encoded_slashes)? {
+        *req.uri_mut() = path::with_path(req.uri(), &normal)?;
+    }
     let host = routes::request_host(req.uri(), req.headers());
     let route = live
         .routes
@@ -97,7 +104,7 @@ async fn pipeline(
     let forwarded = forward::forward(
         &live.upstream,
         route,
-        added.secret.as_ref(),
+        added,
         req,
         (server.max_body_size, server.body_idle_timeout),
     )

@@ -64,6 +64,16 @@ impl PassthroughCache {
         self.cache.invalidate_all();
     }
 
+    /// Whether `key` is cached as valid for route `index` (no upstream call).
+    pub async fn known_valid(&self, master: &MasterKey, index: usize, key: &str) -> bool {
+        key.len() <= MAX_KEY
+            && self
+                .cache
+                .get(&(index, master.digest(key)))
+                .await
+                .is_some_and(|v| v.valid)
+    }
+
     /// Checks `key` for route `index`; returns the `Authorization` value to forward and the
     /// number its rate limiter state is keyed by.
     pub async fn validate(

@@ -142,6 +142,45 @@ fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
 
+/// Makes the database file (created empty here when missing) and its `-wal` and `-shm`
+/// companions readable by their owner only: they hold sealed secrets and key digests. SQLite
+/// creates the companions with the database file's mode, so a new store is 0600 throughout;
+/// an existing one with wider modes is narrowed.
+fn owner_only(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let io = |source| StoreError::Dir {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            let Ok(meta) = std::fs::metadata(file) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+                tracing::warn!(file = %file.display(), "store file was readable by others; narrowed to 0600");
+            }
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the store at `path`, and checks that `master` is the key
     /// this store was created with.
@@ -160,6 +199,7 @@ impl SqliteStore {
                 source,
             })?;
         }
+        owner_only(path)?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
