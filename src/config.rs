@@ -492,13 +492,21 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            at: e
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            // Where the error points at a bare key (a duplicate key or table), that key is the
+            // field; the span's text is shown for nothing else, as it may be a value.
+            let key = e
                 .span()
-                .map_or_else(Location::default, |s| Location::of(text, s.start)),
-            field: "(syntax)".into(),
-            reason: without_values(e.message()),
+                .and_then(|s| text.get(s))
+                .filter(|k| e.message().starts_with("duplicate key") && is_bare_key_path(k));
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                at: e
+                    .span()
+                    .map_or_else(Location::default, |s| Location::of(text, s.start)),
+                field: key.map_or_else(|| "(syntax)".into(), str::to_owned),
+                reason: without_values(e.message()),
+            }
         })?;
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
@@ -532,6 +540,17 @@ impl Config {
     }
 }
 
+/// Whether `s` is a dotted path of bare TOML keys (`limits`, `server.max_headers`).
+fn is_bare_key_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.split('.').all(|k| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+}
+
 /// An error message with every value it quotes blanked out. serde quotes the offending value
 /// (`invalid type: string "sk-…", expected a boolean`, ``unknown variant `sk-…` ``); the
 /// message must not carry it. Field names and expected values stay.
@@ -554,14 +573,22 @@ fn without_values(message: &str) -> String {
                     }
                 }
             }
-            '`' if redact_backquote => {
-                redact_backquote = false;
-                out.push_str("`(value not shown)`");
+            '`' => {
+                // Backquoted text is an expected token or a field name (quotes in it are
+                // literal), except the value of an unknown variant.
+                let mut quoted = String::new();
                 for c in chars.by_ref() {
                     if c == '`' {
                         break;
                     }
+                    quoted.push(c);
                 }
+                if std::mem::take(&mut redact_backquote) {
+                    quoted = "(value not shown)".into();
+                }
+                out.push('`');
+                out.push_str(&quoted);
+                out.push('`');
             }
             c => out.push(c),
         }

@@ -147,14 +147,16 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat, serving: bool) {
     // rustls warns about what peers do (an IP address as SNI, as wrk and Python send; a
     // warning alert): one line per connection from ordinary clients is log flooding, so its
-    // lines show only when asked for (KEYGATE_LOG=debug,rustls=debug).
-    let default = if serving {
-        "info,rustls=error"
+    // lines show only when a filter names rustls (KEYGATE_LOG=debug,rustls=debug).
+    let default = if serving { "info" } else { "warn" };
+    let directives = std::env::var("KEYGATE_LOG").unwrap_or_else(|_| default.to_owned());
+    let directives = if directives.contains("rustls") {
+        directives
     } else {
-        "warn,rustls=error"
+        format!("{directives},rustls=error")
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rustls=error")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -112,6 +112,38 @@ pub fn filter_request_trailers(trailers: &mut HeaderMap, route_header: Option<&H
     }
 }
 
+/// Drops from a request's `Trailer` declaration the names [`filter_request_trailers`] removes,
+/// so the upstream is not told to expect them.
+pub fn prune_trailer_declaration(headers: &mut HeaderMap, route_header: Option<&HeaderName>) {
+    if !headers.contains_key(header::TRAILER) {
+        return;
+    }
+    let kept: Vec<HeaderName> = headers
+        .get_all(header::TRAILER)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+        .filter(|n| {
+            !HOP_BY_HOP.contains(n)
+                && !CLIENT_CREDENTIALS.contains(n)
+                && !NOT_IN_TRAILERS.contains(n)
+                && Some(n) != route_header
+        })
+        .collect();
+    headers.remove(header::TRAILER);
+    if kept.is_empty() {
+        return;
+    }
+    let list = kept
+        .iter()
+        .map(HeaderName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = HeaderValue::from_str(&list) {
+        headers.insert(header::TRAILER, v);
+    }
+}
+
 /// A response trailer section on its way to the client: hop-by-hop and trailer-forbidden
 /// fields removed, and every field echoing `secret`.
 pub fn filter_response_trailers(trailers: &mut HeaderMap, secret: Option<&[u8]>, route: &str) {
@@ -311,6 +343,13 @@ mod tests {
         filter_request_trailers(&mut t, None);
         assert_eq!(t.len(), 1);
         assert_eq!(t["x-ok"], "1");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRAILER,
+            HeaderValue::from_static("x-api-key, Authorization, cookie, x-ok, x-mine"),
+        );
+        prune_trailer_declaration(&mut h, Some(&HeaderName::from_static("x-mine")));
+        assert_eq!(h[header::TRAILER], "x-ok");
         let mut t = HeaderMap::new();
         t.insert("x-echo-t", HeaderValue::from_static("Bearer sk-up"));
         t.insert("x-ok", HeaderValue::from_static("1"));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::authenticate::Grant;
 use super::credentials::{Credential, Credentials, Resolved};
-use super::headers::{strip_client_credentials, strip_hop_by_hop};
+use super::headers::{prune_trailer_declaration, strip_client_credentials, strip_hop_by_hop};
 use crate::config::Route;
 use crate::error::ProxyError;
 
@@ -42,6 +42,7 @@ pub fn inject(
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
     strip_client_credentials(headers, resolved.strip.as_ref());
+    prune_trailer_declaration(headers, resolved.strip.as_ref());
     headers.remove(header::HOST);
     for (name, value) in &resolved.defaults {
         if !headers.contains_key(name) {
