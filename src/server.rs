@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -488,10 +489,14 @@ impl Handback {
         }
     }
 
-    fn io(&mut self) -> std::io::Result<Pin<&mut TlsStream<TcpStream>>> {
-        match self.io.as_mut() {
-            Some(io) => Ok(Pin::new(io)),
-            None => Err(std::io::ErrorKind::NotConnected.into()),
+    /// Polls `f` on the stream (which is there until `Drop` hands it back).
+    fn poll_io<R>(
+        self: Pin<&mut Self>,
+        f: impl FnOnce(Pin<&mut TlsStream<TcpStream>>) -> Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match self.get_mut().io.as_mut() {
+            Some(io) => f(Pin::new(io)),
+            None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
 }
@@ -507,61 +512,40 @@ impl Drop for Handback {
 impl tokio::io::AsyncRead for Handback {
     fn poll_read(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_read(cx, buf),
-            Err(e) => std::task::Poll::Ready(Err(e)),
-        }
+    ) -> Poll<std::io::Result<()>> {
+        self.poll_io(|io| io.poll_read(cx, buf))
     }
 }
 
 impl tokio::io::AsyncWrite for Handback {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_write(cx, buf),
-            Err(e) => std::task::Poll::Ready(Err(e)),
-        }
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_io(|io| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_write_vectored(cx, bufs),
-            Err(e) => std::task::Poll::Ready(Err(e)),
-        }
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_io(|io| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_flush(cx),
-            Err(e) => std::task::Poll::Ready(Err(e)),
-        }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_io(|io| io.poll_flush(cx))
     }
 
-    fn poll_shutdown(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut().io() {
-            Ok(io) => io.poll_shutdown(cx),
-            Err(e) => std::task::Poll::Ready(Err(e)),
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_io(|io| io.poll_shutdown(cx))
     }
 }
 

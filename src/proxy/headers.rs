@@ -179,13 +179,7 @@ pub fn remove_echoes(headers: &mut HeaderMap, needle: &[u8], route: &str, sectio
 /// `metadata.additionalHeaders`), or why it may not be added. The value is checked when it is
 /// known, with [`added_value`].
 pub fn added_name(name: &str) -> Result<HeaderName, String> {
-    let h = HeaderName::from_bytes(name.trim().as_bytes())
-        .map_err(|_| format!("{name:?} is not a valid header name"))?;
-    if FRAMING.contains(&h.as_str()) {
-        return Err(format!(
-            "{name:?} is a framing or hop-by-hop header and cannot be set"
-        ));
-    }
+    let h = credential_name(name)?;
     if CLIENT_CREDENTIALS.contains(&h) {
         return Err(format!(
             "{name:?} is a credential header; the route's credential is injected from its ai_secret"

@@ -142,12 +142,16 @@ pub struct Recorded {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The request's trailer fields (empty when it had none or its body was not read whole).
+    pub trailers: HeaderMap,
 }
 
 /// A TLS upstream on 127.0.0.1:0 that records every request.
 ///
 /// Paths: `/sse?n=N&gap_ms=G` streams N events G ms apart (send instants recorded);
 /// `/slow` waits 5 s before answering; `/sink` counts the body without keeping it;
+/// `/trailers` records the request and answers with a streamed body and the trailers
+/// `x-echo-t` (the `authorization` value it received: a careless upstream) and `x-ok: 1`;
 /// anything else records the request with its body and answers 201 with a JSON body and an
 /// `x-upstream` header.
 pub struct FakeUpstream {
@@ -172,6 +176,17 @@ impl FakeUpstream {
     }
 
     pub async fn start_with(ca: &TestCa, offer_h2: bool) -> Self {
+        Self::start_inner(ca, offer_h2, false).await
+    }
+
+    /// Like [`FakeUpstream::start`], with room for large request heads (1 MiB of h2 header
+    /// list, 1,000 h1 headers): a request that keygate forwards is recorded, not refused by the
+    /// upstream's own limits.
+    pub async fn start_roomy(ca: &TestCa) -> Self {
+        Self::start_inner(ca, true, true).await
+    }
+
+    async fn start_inner(ca: &TestCa, offer_h2: bool, roomy: bool) -> Self {
         let (cert, key) = ca.issue(&format!("upstream-{}", uuid_like()));
         let cfg = keygate::tls::server_config(&cert, &key).expect("upstream TLS");
         let mut cfg = Arc::try_unwrap(cfg).unwrap_or_else(|a| (*a).clone());
@@ -208,9 +223,12 @@ impl FakeUpstream {
                         let (r, s, k) = (r.clone(), s.clone(), k.clone());
                         async move { Ok::<_, Infallible>(upstream_answer(req, r, s, k).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if roomy {
+                        builder.http1().max_headers(1000);
+                        builder.http2().max_header_list_size(1 << 20);
+                    }
+                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
                 });
             }
         });
@@ -259,6 +277,7 @@ async fn upstream_answer(
         version: parts.version,
         headers: parts.headers.clone(),
         body: Bytes::new(),
+        trailers: HeaderMap::new(),
     };
     match path.as_str() {
         "/sink" => {
@@ -356,12 +375,34 @@ async fn upstream_answer(
             requests.lock().unwrap().push(rec);
             b.body(Full::new(Bytes::new()).boxed()).unwrap()
         }
+        "/trailers" => {
+            if let Ok(c) = body.collect().await {
+                rec.trailers = c.trailers().cloned().unwrap_or_default();
+                rec.body = c.to_bytes();
+            }
+            let echo = rec.headers.get("authorization").cloned();
+            requests.lock().unwrap().push(rec);
+            let mut trailers = HeaderMap::new();
+            if let Some(v) = echo {
+                trailers.insert("x-echo-t", v);
+            }
+            trailers.insert("x-ok", http::HeaderValue::from_static("1"));
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"part one;"))),
+                Ok(Frame::data(Bytes::from_static(b"part two"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            Response::builder()
+                .header("content-type", "text/plain")
+                .header("trailer", "x-echo-t, x-ok")
+                .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+                .unwrap()
+        }
         _ => {
-            rec.body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            if let Ok(c) = body.collect().await {
+                rec.trailers = c.trailers().cloned().unwrap_or_default();
+                rec.body = c.to_bytes();
+            }
             requests.lock().unwrap().push(rec);
             Response::builder()
                 .status(StatusCode::CREATED)
@@ -599,6 +640,10 @@ impl KeygateProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{}", self.proxy.port(), path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{}", self.admin.port(), path)
     }
 
     pub fn pid(&self) -> u32 {
