@@ -226,6 +226,10 @@ pub struct LimitSpec {
 }
 
 impl LimitSpec {
+    /// The bounds [`LimitSpec::new`] enforces, in the words every error about a quota uses.
+    pub const BOUNDS: &'static str =
+        "per_second must be between 0.001 and 1000000 and burst between 1 and 1000000";
+
     /// A quota of `per_second` (0.001 to 1,000,000) with `burst` (1 to 1,000,000).
     pub fn new(per_second: f64, burst: u32) -> Option<LimitSpec> {
         let valid = per_second.is_finite()
@@ -671,12 +675,7 @@ impl Check<'_> {
         default: (f64, u32),
     ) -> Result<LimitSpec, ConfigError> {
         let (per_second, burst) = v.map(|l| (l.per_second, l.burst)).unwrap_or(default);
-        LimitSpec::new(per_second, burst).ok_or_else(|| {
-            self.err(
-                field,
-                "per_second must be between 0.001 and 1000000 and burst between 1 and 1000000",
-            )
-        })
+        LimitSpec::new(per_second, burst).ok_or_else(|| self.err(field, LimitSpec::BOUNDS))
     }
 
     fn duration(

@@ -254,6 +254,18 @@ impl From<crate::store::StoreError> for AdminError {
     }
 }
 
+impl From<crate::actions::ActionError> for AdminError {
+    fn from(e: crate::actions::ActionError) -> Self {
+        use crate::actions::ActionError;
+        match e {
+            ActionError::Invalid(msg) => AdminError::BadRequest(msg),
+            ActionError::NotFound(msg) => AdminError::NotFound(msg),
+            ActionError::Store(e) => e.into(),
+            ActionError::Read(e) => AdminError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl AdminError {
     /// The response this error becomes, after logging it at the level it deserves.
     pub fn into_response(self) -> Response<Body> {

@@ -19,8 +19,10 @@
 //! - [`error`]: the one mapping from `ProxyError` to a response.
 
 pub mod access;
+pub mod actions;
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;

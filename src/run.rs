@@ -10,35 +10,8 @@
 //!
 //! Values go into the child's environment only: never into a log line or an error message.
 
-use std::collections::BTreeMap;
-
 use crate::secret::Secret;
-use crate::store::{EnvVarRecord, ObjectType, Store, StoreError};
-
-/// The env vars for a scope: the org's, overlaid by the scope's own. Sorted by name.
-pub fn scope_env(
-    store: &dyn Store,
-    org: (&str, &str),
-    object_type: ObjectType,
-    object_id: &str,
-) -> Result<Vec<(EnvVarRecord, Secret)>, StoreError> {
-    let (org_id, org_name) = org;
-    let mut scopes = vec![
-        (ObjectType::Organization, org_name.to_owned()),
-        (ObjectType::Organization, org_id.to_owned()),
-    ];
-    if object_type != ObjectType::Organization {
-        scopes.push((object_type, object_id.to_owned()));
-    } else if object_id != org_id && object_id != org_name {
-        scopes.push((ObjectType::Organization, object_id.to_owned()));
-    }
-    // Later scopes are narrower: they overwrite.
-    let mut by_name: BTreeMap<String, (EnvVarRecord, Secret)> = BTreeMap::new();
-    for (rec, value) in store.env_var_values(org_id, &scopes)? {
-        by_name.insert(rec.name.clone(), (rec, value));
-    }
-    Ok(by_name.into_values().collect())
-}
+use crate::store::EnvVarRecord;
 
 /// Starts `command` with `env` added to this process's environment.
 pub fn spawn(

@@ -11,12 +11,13 @@ use hyper::{Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::request::{check_name, json_body, Params};
+use super::request::{json_body, Params};
 use super::{ok, Ctx};
+use crate::actions;
 use crate::app::AppState;
 use crate::config::LimitSpec;
 use crate::error::AdminError;
-use crate::store::{issue_key, ApiKeyRecord, KeyOptions, Role};
+use crate::store::{ApiKeyRecord, Role};
 use crate::Body;
 
 /// The wire form of a key record (never the key).
@@ -62,11 +63,11 @@ pub(crate) struct RateLimitBody {
 
 impl RateLimitBody {
     pub(crate) fn spec(&self) -> Result<LimitSpec, AdminError> {
-        LimitSpec::new(self.per_second, self.burst).ok_or_else(|| {
-            AdminError::BadRequest(
-                "`rate_limit`: per_second must be between 0.001 and 1000000 and burst between 1 and 1000000".into(),
-            )
-        })
+        Ok(actions::limit_spec(
+            "rate_limit",
+            self.per_second,
+            self.burst,
+        )?)
     }
 }
 
@@ -157,43 +158,36 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
     let b: CreateBody = json_body(&parts.headers, body)
         .await?
         .ok_or_else(|| AdminError::BadRequest("a JSON body with `name` is required".into()))?;
-    check_name("name", &b.name)?;
     let role = match b.role.as_deref() {
         None => Role::Proxy,
         Some(r) => Role::parse(r).ok_or_else(|| {
             AdminError::BadRequest(format!("`role` must be \"proxy\" or \"admin\", not {r:?}"))
         })?,
     };
-    if let Some(routes) = &b.routes {
-        for r in routes {
-            if !ctx
-                .state
-                .live()
-                .config
-                .routes
-                .iter()
-                .any(|c| *c.name == **r)
-            {
-                return Err(AdminError::BadRequest(format!(
-                    "`routes`: no route is named {r:?}"
-                )));
-            }
-        }
-    }
     let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
     let org = ctx.org(b.org_name.as_deref()).await?;
     let user = ctx.principal.user_id().to_owned();
-    let opts = KeyOptions {
+    let new = actions::NewKeys {
+        name: b.name,
         role,
         routes: b.routes,
         limit,
+        count: 1,
     };
-    let name = b.name;
     let (key, rec) = ctx
-        .store(move |s| {
-            let out = issue_key(s.store.as_ref(), &s.master, (&org, &user), &name, opts)?;
+        .act(move |s| {
+            let live = s.live();
+            let made = actions::create_keys(
+                s.store.as_ref(),
+                &s.master,
+                (&org, &user),
+                &live.config.routes,
+                new,
+            )?;
             s.keys_changed()?;
-            Ok(out)
+            made.into_iter()
+                .next()
+                .ok_or_else(|| actions::ActionError::Invalid("no key was created".into()))
         })
         .await?;
     tracing::info!(key_id = %rec.id, role = rec.role.as_str(), by = %ctx.principal.key_id(), "key created through the admin API");

@@ -95,6 +95,17 @@ impl Ctx {
             .map_err(AdminError::from)
     }
 
+    /// Runs a shared action ([`crate::actions`]) off the async threads.
+    pub async fn act<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AppState) -> Result<T, crate::actions::ActionError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let state = self.state.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| AdminError::Internal(format!("store task failed: {e}")))??)
+    }
+
     /// Runs `f(state, org_id, id)` for the caller's org and answers with the object it returns
     /// as `to_json` renders it, or a 404 naming `what`.
     pub async fn by_id<T: Send + 'static>(

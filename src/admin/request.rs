@@ -14,8 +14,6 @@ use crate::store::{ListQuery, Page};
 pub const MAX_BODY: usize = 256 * 1024;
 /// The largest page; a client that wants more pages on by cursor.
 pub const MAX_PAGE: u32 = 1000;
-/// The longest name of a key, secret or env var, and the longest object id.
-const MAX_NAME: usize = 256;
 
 /// The query parameters of a request, checked against the names an endpoint accepts.
 pub struct Params {
@@ -120,24 +118,9 @@ pub fn parse_id(v: &str) -> Result<String, AdminError> {
         .map_err(|_| AdminError::BadRequest(format!("{v:?} is not a valid id (expected a UUID)")))
 }
 
-/// Checks a name (of a key, secret, env var) or an object id.
+/// Checks a name (of a key, secret, env var) or an object id: [`crate::actions::check_name`].
 pub fn check_name(field: &str, v: &str) -> Result<(), AdminError> {
-    if v.trim().is_empty() {
-        return Err(AdminError::BadRequest(format!(
-            "`{field}` must not be empty"
-        )));
-    }
-    if v.len() > MAX_NAME {
-        return Err(AdminError::BadRequest(format!(
-            "`{field}` must be at most {MAX_NAME} bytes"
-        )));
-    }
-    if v.chars().any(char::is_control) {
-        return Err(AdminError::BadRequest(format!(
-            "`{field}` must not contain control characters"
-        )));
-    }
-    Ok(())
+    Ok(crate::actions::check_name(field, v)?)
 }
 
 /// Reads the body (at most [`MAX_BODY`] bytes) and parses it as `T`. An empty body is `None`.

@@ -102,18 +102,15 @@ impl Credentials {
     }
 }
 
-/// The org's env vars (scoped to the org by id or by name), by name.
+/// The org's env vars, by name.
 fn org_env(store: &dyn Store, tenant: &Tenant) -> Result<HashMap<String, Secret>, StoreError> {
-    let scopes = [
-        (ObjectType::Organization, tenant.org_id.clone()),
-        (ObjectType::Organization, tenant.org_name.clone()),
-    ];
-    let mut out = HashMap::new();
-    for (rec, value) in store.env_var_values(&tenant.org_id, &scopes)? {
-        // Scoped by id comes first and wins over scoped by name.
-        out.entry(rec.name).or_insert(value);
-    }
-    Ok(out)
+    let org = (tenant.org_id.as_str(), tenant.org_name.as_str());
+    Ok(
+        crate::store::scope_env(store, org, ObjectType::Organization, &tenant.org_id)?
+            .into_iter()
+            .map(|(rec, value)| (rec.name, value))
+            .collect(),
+    )
 }
 
 /// The header name and value prefix an ai_secret type calls for.

@@ -534,6 +534,34 @@ pub fn merge_metadata(
     }
 }
 
+/// The env vars for a scope: the org's (scoped by its name, then by its id, which wins),
+/// overlaid by the scope's own. Sorted by name. `keygate run` and the routes' `set_headers`
+/// (the org's scope) both read env vars through this.
+pub fn scope_env(
+    store: &dyn Store,
+    org: (&str, &str),
+    object_type: ObjectType,
+    object_id: &str,
+) -> Result<Vec<(EnvVarRecord, Secret)>, StoreError> {
+    let (org_id, org_name) = org;
+    let mut scopes = vec![
+        (ObjectType::Organization, org_name.to_owned()),
+        (ObjectType::Organization, org_id.to_owned()),
+    ];
+    if object_type != ObjectType::Organization {
+        scopes.push((object_type, object_id.to_owned()));
+    } else if object_id != org_id && object_id != org_name {
+        scopes.push((ObjectType::Organization, object_id.to_owned()));
+    }
+    // Later scopes are narrower: they overwrite.
+    let mut by_name: std::collections::BTreeMap<String, (EnvVarRecord, Secret)> =
+        std::collections::BTreeMap::new();
+    for (rec, value) in store.env_var_values(org_id, &scopes)? {
+        by_name.insert(rec.name.clone(), (rec, value));
+    }
+    Ok(by_name.into_values().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
