@@ -68,6 +68,8 @@ pub struct Live {
     /// The upstream CA file's content when this upstream client was built.
     upstream_ca: Option<Vec<u8>>,
     pub tls: TlsAcceptor,
+    /// When the listener certificate expires (Unix seconds), for `/readyz`.
+    pub cert_not_after: Option<i64>,
     /// Counts reloads: 0 for the config keygate started with.
     pub generation: u64,
 }
@@ -197,6 +199,7 @@ impl AppState {
             credentials,
             upstream,
             tls,
+            cert_not_after: crate::tls::not_after(&cert.cert).ok(),
             upstream_ca,
             generation: old.generation + 1,
             config: Arc::new(config),
@@ -413,6 +416,7 @@ pub async fn start(
             upstream: Arc::new(upstream),
             upstream_ca: read_ca(&config),
             tls,
+            cert_not_after: crate::tls::not_after(&cert.cert).ok(),
             generation: 0,
             config: config.clone(),
         }),
@@ -462,7 +466,7 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
 ) -> Result<T, E> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}")).into()))
+        .unwrap_or_else(|e| Err(StoreError::TaskFailed(e.to_string()).into()))
 }
 
 /// Drops limiter state of keys and IPs idle long enough to be back at a full bucket, and

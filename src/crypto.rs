@@ -48,6 +48,9 @@ pub enum MasterKeyError {
     },
     #[error("the operating system's random number generator failed")]
     Rng,
+    /// AES-256-GCM refused to seal (a plaintext beyond its length limit).
+    #[error("sealing a secret failed (AES-256-GCM refused the plaintext)")]
+    Seal,
 }
 
 /// Where the master key comes from.
@@ -157,7 +160,7 @@ impl MasterKey {
                 Aad::from(context.as_bytes()),
                 &mut body,
             )
-            .map_err(|_| MasterKeyError::Rng)?;
+            .map_err(|_| MasterKeyError::Seal)?;
         buf.extend_from_slice(&body);
         body.iter_mut().for_each(|b| *b = 0);
         Ok(buf)

@@ -40,11 +40,18 @@ struct Slot {
     key_uid: u128,
     /// `None`: the key is unknown (negative entry).
     profile: Option<Arc<Profile>>,
-    /// The keys revision it was read at. u32 and whole seconds keep the slot at 32 bytes; past
-    /// 2^32 key writes every slot reads as stale, which costs lookups, never correctness.
+    /// The keys revision it was read at, modulo 2^32 (u32 and whole seconds keep the slot at
+    /// 32 bytes); compared with [`at_least`], which is exact while the cache is fewer than
+    /// 2^31 key writes behind the store, and so past 2^32 writes too.
     revision: u32,
     /// Whole seconds since the cache started, rounded up.
     expires_s: u32,
+}
+
+/// Whether a slot read at `slot` (a revision modulo 2^32) is at least at revision `current`:
+/// the wrapping distance from `current` to `slot` is zero or "forward" (under 2^31).
+fn at_least(slot: u32, current: u64) -> bool {
+    slot.wrapping_sub(current as u32) < 1 << 31
 }
 
 impl Slot {
@@ -143,7 +150,7 @@ impl KeyCache {
             return None;
         }
         let slot = self.slots.get(&self.slot_id(key))?;
-        (u64::from(slot.revision) >= self.current.load(Ordering::Acquire)
+        (at_least(slot.revision, self.current.load(Ordering::Acquire))
             && u64::from(slot.expires_s) * 1000 > now)
             .then(|| slot.principal())
             .flatten()
@@ -160,7 +167,7 @@ impl KeyCache {
         }
         let id = self.slot_id(key);
         if let Some(slot) = self.slots.get(&id) {
-            if u64::from(slot.revision) >= self.current.load(Ordering::Acquire)
+            if at_least(slot.revision, self.current.load(Ordering::Acquire))
                 && u64::from(slot.expires_s) * 1000 > now
             {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -182,7 +189,7 @@ impl KeyCache {
                 .map_err(Arc::new)?
                 .clone();
             self.inflight.remove_if(&id, |_, c| Arc::ptr_eq(c, &cell));
-            if u64::from(slot.revision) >= self.current.load(Ordering::Acquire) {
+            if at_least(slot.revision, self.current.load(Ordering::Acquire)) {
                 self.insert(id, slot.clone());
                 return Ok(slot.principal());
             }
@@ -195,9 +202,10 @@ impl KeyCache {
         let (principal, revision) =
             tokio::task::spawn_blocking(move || store.principal_by_digest(&digest))
                 .await
-                .map_err(|e| StoreError::Corrupt(format!("lookup task failed: {e}")))??;
+                .map_err(|e| StoreError::TaskFailed(e.to_string()))??;
         let now = self.now_ms();
-        let revision = u32::try_from(revision).unwrap_or(u32::MAX);
+        // Modulo 2^32, on purpose: see `at_least`.
+        let revision = revision as u32;
         let expires =
             |ttl_ms: u64| u32::try_from((now + ttl_ms).div_ceil(1000)).unwrap_or(u32::MAX);
         Ok(match principal {
@@ -382,6 +390,26 @@ mod tests {
             assert!(t.await.unwrap());
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn revisions_compare_across_the_u32_wrap() {
+        assert!(at_least(5, 5));
+        assert!(
+            at_least(6, 5),
+            "read after a write the poller has not seen yet"
+        );
+        assert!(!at_least(4, 5));
+        let past = (1u64 << 32) + 3;
+        assert!(
+            at_least(past as u32, past),
+            "past 2^32 writes a current slot is current"
+        );
+        assert!(!at_least((past - 1) as u32, past));
+        assert!(
+            at_least(2, u64::from(u32::MAX)),
+            "a slot read just after the wrap"
+        );
     }
 
     #[tokio::test]

@@ -6,17 +6,26 @@
 //!
 //! # Layout
 //! - [`config`]: TOML → validated `Config`.
-//! - [`app`]: wiring of store, caches, listeners, poller and shutdown.
-//! - [`server`]: the accept loop: connection cap, cleartext detection, TLS, h1/h2.
-//! - [`proxy`]: the data plane, one file per stage (authenticate, routes, inject, forward).
+//! - [`app`]: wiring of store, caches, listeners, poller and shutdown; `AppState`.
+//! - [`server`]: the accept loop: connection cap, cleartext detection, TLS, h1/h2, lingering
+//!   close.
+//! - [`proxy`]: the data plane, one file per stage: `path` (normalise), `routes` (select),
+//!   `authenticate`, `limit`, `inject`, `forward`; with `headers` (the header and trailer
+//!   rules), `bodies` (body caps and timeouts), `credentials` (what each route injects) and
+//!   `passthrough` (verdicts on passthrough keys).
 //! - [`admin`]: the control plane listener and the admin API.
+//! - [`actions`]: what the CLI and the admin API both do (create keys, store secrets, …).
+//! - [`cli`]: the command line's arguments, `serve` with its signals and pid file, `run`.
 //! - [`run`]: `keygate run`, env vars into a child process.
 //! - [`keycache`]: key digest → principal, positive and negative TTL, revision-exact invalidation.
 //! - [`store`]: the `Store` trait and its SQLite implementation; secrets sealed at rest.
 //! - [`crypto`]: master key, key digests, sealing, key generation.
 //! - [`tls`]: rustls configurations and the development CA.
 //! - [`secret`]: the `Secret` type whose `Debug` prints `***`.
-//! - [`error`]: the one mapping from `ProxyError` to a response.
+//! - [`error`]: the one mapping from `ProxyError` / `AdminError` to a response.
+//! - [`access`]: the access log line of each request.
+//! - [`metrics`]: the counters and the Prometheus exposition of `/metrics`.
+//! - `fuzzing`: entry points for the cargo-fuzz targets (hidden from the docs).
 
 pub mod access;
 pub mod actions;

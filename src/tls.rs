@@ -204,8 +204,6 @@ pub struct ListenerCert {
     pub key: PathBuf,
     /// The CA file a client should trust, when keygate generated the certificate.
     pub dev_ca: Option<PathBuf>,
-    /// Whether this start generated new files.
-    pub generated: bool,
 }
 
 /// Resolves the configured TLS source, generating development certificates when needed.
@@ -215,15 +213,13 @@ pub fn resolve_listener_cert(source: &TlsSource) -> Result<ListenerCert, TlsErro
             cert: cert.clone(),
             key: key.clone(),
             dev_ca: None,
-            generated: false,
         }),
         TlsSource::Generated { dir } => {
-            let (p, generated) = ensure_dev_certs(dir)?;
+            let (p, _generated) = ensure_dev_certs(dir)?;
             Ok(ListenerCert {
                 cert: p.server_cert,
                 key: p.server_key,
                 dev_ca: Some(p.ca_cert),
-                generated,
             })
         }
     }
@@ -247,6 +243,18 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
+}
+
+/// When the first certificate in the PEM file `cert` expires, in Unix seconds.
+pub fn not_after(cert: &Path) -> Result<i64, TlsError> {
+    let first = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file_err(cert, e))?
+        .next()
+        .ok_or_else(|| file_err(cert, "holds no PEM certificate"))?
+        .map_err(|e| file_err(cert, e))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| file_err(cert, format!("is not a readable X.509 certificate: {e}")))?;
+    Ok(parsed.validity().not_after.timestamp())
 }
 
 /// The upstream client's rustls configuration: system roots plus `extra_ca`, ALPN set by the

@@ -12,28 +12,35 @@ use crate::metrics::Snapshot;
 use crate::Body;
 
 /// 200 when keygate can serve: the key store was read within the staleness bound (so the key
-/// list is fresh) and a certificate is loaded; else 503 with the reasons.
+/// list is fresh) and the listener certificate has not expired; else 503 with the reasons.
 pub fn readyz(state: &AppState) -> Response<Body> {
     let live = state.live();
     let staleness = state.keys.staleness();
     let bound = live.config.keys.staleness_bound;
     let store_ok = staleness <= bound;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    // The certificate was read when it was loaded; a file it could not be read from (never
+    // the case for one that loaded) counts as not ok.
+    let cert_ok = live.cert_not_after.is_some_and(|t| t > now);
     let reload = state
         .reload_status
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let body = json!({
-        "status": if store_ok { "ready" } else { "not ready" },
+        "status": if store_ok && cert_ok { "ready" } else { "not ready" },
         "checks": {
             "key_store": {
                 "ok": store_ok,
                 "last_read_seconds_ago": (staleness.as_secs_f64() * 1000.0).round() / 1000.0,
                 "bound_seconds": bound.as_secs_f64(),
             },
-            // The listeners only run with a loaded certificate; a reload that cannot load one
-            // is refused and the old one stays.
-            "certificates": { "ok": true },
+            "certificates": {
+                "ok": cert_ok,
+                "expires_unix": live.cert_not_after,
+            },
         },
         "config": {
             "generation": live.generation,
@@ -42,7 +49,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
             "needs_restart": reload.needs_restart,
         },
     });
-    let status = if store_ok {
+    let status = if store_ok && cert_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -1,4 +1,4 @@
-//! Stage 2: the client's key → a grant for its route.
+//! Stage 3: the client's key → a grant for its route.
 //!
 //! The key comes from `x-api-key`, or else from `Authorization: Bearer`. On an ai_secret route
 //! it must be a keygate key (through the key cache) that may use the route (403 otherwise); on a

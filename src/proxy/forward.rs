@@ -1,4 +1,4 @@
-//! Stage 4: send the request upstream over a pooled, verified TLS connection and stream the
+//! Stage 6: send the request upstream over a pooled, verified TLS connection and stream the
 //! response back. Bodies are never collected: the request body is the client's `Incoming`,
 //! the response body is the upstream's `Incoming`, frame by frame.
 //!

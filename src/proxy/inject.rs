@@ -1,4 +1,4 @@
-//! Stage 3: strip what must not reach the upstream, then add exactly one credential.
+//! Stage 5: strip what must not reach the upstream, then add exactly one credential.
 //!
 //! Removed: the client's credentials of every kind (`Authorization`, `x-api-key`,
 //! `x-goog-api-key`, `api-key`, `Proxy-Authorization`, and the route's own credential header),

@@ -1,4 +1,4 @@
-//! Stage 3: per-key rate limits (GCRA, governor keyed limiters), the per-IP throttle on failed
+//! Stage 4: per-key rate limits (GCRA, governor keyed limiters), the per-IP throttle on failed
 //! authentication, and the IETF `RateLimit` / `RateLimit-Policy` headers.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Stage 0: the request path, normalised once. The route is chosen on this path and exactly
+//! Stage 1: the request path, normalised once. The route is chosen on this path and exactly
 //! this path is sent upstream, so an upstream that normalises (nginx, most frameworks) can never
 //! see another path than the one keygate matched: `/v1/chat/../files/x` is `/v1/files/x` for
 //! both.

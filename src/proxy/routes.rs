@@ -1,4 +1,4 @@
-//! Stage 1: the route table. The longest prefix that matches on a path-segment boundary wins
+//! Stage 2: the route table. The longest prefix that matches on a path-segment boundary wins
 //! (`/v1` matches `/v1` and `/v1/chat`, never `/v1beta`); among equal prefixes a route bound to
 //! the request's host wins over one for any host.
 

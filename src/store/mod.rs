@@ -38,6 +38,9 @@ pub enum StoreError {
     MasterKey(#[from] crate::crypto::MasterKeyError),
     #[error("store: a stored row is malformed: {0}")]
     Corrupt(String),
+    /// The blocking task running a store call panicked or was cancelled: a bug, not the data.
+    #[error("store: the task running a store call failed: {0}")]
+    TaskFailed(String),
     #[error("store schema version {found} is newer than this keygate understands ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
     /// The write would break a uniqueness rule (a name already taken); a client error.
