@@ -387,26 +387,8 @@ pub async fn start(
         .await?
     };
 
-    let proxy = TcpListener::bind(config.listen.proxy)
-        .await
-        .map_err(|source| AppError::Bind {
-            addr: config.listen.proxy,
-            source,
-        })?;
-    let admin = TcpListener::bind(config.listen.admin)
-        .await
-        .map_err(|source| AppError::Bind {
-            addr: config.listen.admin,
-            source,
-        })?;
-    let proxy_addr = proxy.local_addr().map_err(|source| AppError::Bind {
-        addr: config.listen.proxy,
-        source,
-    })?;
-    let admin_addr = admin.local_addr().map_err(|source| AppError::Bind {
-        addr: config.listen.admin,
-        source,
-    })?;
+    let (proxy, proxy_addr) = bind(config.listen.proxy).await?;
+    let (admin, admin_addr) = bind(config.listen.admin).await?;
 
     let state = Arc::new(AppState {
         live: ArcSwap::from_pointee(Live {
@@ -459,6 +441,14 @@ pub async fn start(
         permits,
         max_connections: config.server.max_connections,
     })
+}
+
+/// A listener on `addr`, and the address it got (the port, when `addr` asked for port 0).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let bind_error = |source| AppError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::Uri;
 
 use crate::admin::{ai_secrets, api_keys, env_vars, request};
 use crate::config::Config;
@@ -172,19 +172,12 @@ fn admin_target(data: &[u8]) {
     }
 }
 
-/// The admin router's split of the path into `v1`, resource and id (mirrors `admin::route`,
-/// which needs a store), then `parse_id` on the id.
+/// The admin router's split of the path (`admin::api_path`), then `parse_id` on the id.
 fn admin_path(path: &str) {
-    let path = path
-        .strip_suffix('/')
-        .filter(|p| !p.is_empty())
-        .unwrap_or(path);
-    let mut parts = path.trim_start_matches('/').splitn(3, '/');
-    let (v1, _resource, id) = (parts.next(), parts.next(), parts.next());
-    if v1 != Some("v1") || id.is_some_and(|i| i.contains('/')) {
+    let Some((_resource, Some(id))) = crate::admin::api_path(path) else {
         return;
-    }
-    if let Some(Ok(canonical)) = id.map(request::parse_id) {
+    };
+    if let Ok(canonical) = request::parse_id(id) {
         // Canonical form is a fixed point.
         assert_eq!(request::parse_id(&canonical).ok(), Some(canonical));
     }
@@ -231,23 +224,16 @@ inject = { ai_secret = "C", header = "x-key", prefix = "Key " }
 pub fn request_head(data: &[u8]) {
     let _ = crate::server::key_in_head(data);
 
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
-    // A partial head still has complete header lines.
-    let _ = req.parse(data);
-    let mut map = HeaderMap::new();
-    for h in req.headers.iter().take_while(|h| !h.name.is_empty()) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) {
-            map.append(name, value);
-        }
-    }
-    let uri: Uri = req
-        .path
+    let (target, mut map) = crate::server::parse_head(data);
+    let uri: Uri = target
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| Uri::from_static("/"));
+    // The path keygate routes on: normalising it again changes nothing.
+    for keep in [false, true] {
+        if let Ok(Some(normal)) = crate::proxy::path::normalize(uri.path(), keep) {
+            assert_eq!(crate::proxy::path::normalize(&normal, keep), Ok(None));
+        }
+    }
 
     if let Some(key) = presented_key(&map) {
         assert_eq!(key, key.trim());

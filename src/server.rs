@@ -27,6 +27,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+// hyper-util's trait for "a connection that can finish gracefully", implemented for hyper's
+// h1 and h2 connections; `drive` needs only that, plus the idle timer and lingering close
+// that `hyper_util::server::graceful::GracefulShutdown` does not do.
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -353,40 +357,6 @@ impl Conn {
     }
 }
 
-/// A served connection that can be asked to finish gracefully (hyper's h1 and h2 connections).
-trait Graceful: Future<Output = Result<(), hyper::Error>> {
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
-where
-    Self: Future<Output = Result<(), hyper::Error>>,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::Connection::graceful_shutdown(self)
-    }
-}
-
-impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
-where
-    Self: Future<Output = Result<(), hyper::Error>>,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http2::Connection::graceful_shutdown(self)
-    }
-}
-
 /// The idle timeout of one connection.
 struct Idle {
     activity: Arc<Activity>,
@@ -397,7 +367,7 @@ struct Idle {
 /// idle timeout, asks it to finish gracefully (h2: GOAWAY) and waits for that. An h1
 /// connection's stream comes back through `returned` once hyper is done with it, for a
 /// lingering close.
-async fn drive<C: Graceful + ?Sized>(
+async fn drive<C: GracefulConnection<Error = hyper::Error> + ?Sized>(
     mut conn: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
     idle: Idle,
@@ -597,6 +567,14 @@ async fn answer_cleartext(
 
 /// The key in a cleartext request head, if it carries one.
 pub(crate) fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
+    let (_, headers) = parse_head(head);
+    crate::proxy::authenticate::presented_key(&headers)
+        .map(|k| crate::secret::Secret::new(k.to_owned()))
+}
+
+/// The request target and the header lines of a (possibly partial) HTTP/1 request head: every
+/// complete header line that is a valid name and value, in order.
+pub(crate) fn parse_head(head: &[u8]) -> (Option<String>, http::HeaderMap) {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     // A partial head still has complete header lines worth looking at.
@@ -610,8 +588,7 @@ pub(crate) fn key_in_head(head: &[u8]) -> Option<crate::secret::Secret> {
             map.append(name, value);
         }
     }
-    crate::proxy::authenticate::presented_key(&map)
-        .map(|k| crate::secret::Secret::new(k.to_owned()))
+    (req.path.map(str::to_owned), map)
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

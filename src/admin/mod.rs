@@ -190,11 +190,9 @@ async fn route(
         res.headers_mut().insert("ratelimit", ratelimit);
         return Ok(res);
     }
-    let mut parts = path.trim_start_matches('/').splitn(3, '/');
-    let (v1, resource, id) = (parts.next(), parts.next(), parts.next());
-    if v1 != Some("v1") || id.is_some_and(|i| i.contains('/')) {
+    let Some((resource, id)) = api_path(path) else {
         return Err(no_endpoint(&req));
-    }
+    };
     let id = id.map(request::parse_id).transpose()?;
     let ctx = Ctx { state, principal };
     let mut res = match resource {
@@ -205,6 +203,18 @@ async fn route(
     }?;
     res.headers_mut().insert("ratelimit", ratelimit);
     Ok(res)
+}
+
+/// `/v1/RESOURCE[/ID]` (with or without a trailing `/`) split into resource and id; `None` for
+/// any other shape.
+pub fn api_path(path: &str) -> Option<(Option<&str>, Option<&str>)> {
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let (v1, resource, id) = (parts.next(), parts.next(), parts.next());
+    (v1 == Some("v1") && !id.is_some_and(|i| i.contains('/'))).then_some((resource, id))
 }
 
 fn no_endpoint(req: &Request<Incoming>) -> AdminError {
