@@ -30,8 +30,9 @@ use crate::proxy::forward::Upstream;
 use crate::proxy::limit::Limiters;
 use crate::proxy::passthrough::PassthroughCache;
 use crate::proxy::routes::RouteTable;
+use crate::proxy::DataPlane;
 use crate::secret::Secret;
-use crate::server::{accept_loop, Plane};
+use crate::server::{accept_loop, Plane, Serve};
 use crate::store::{
     issue_key, KeyOptions, Revisions, Role, SqliteStore, Store, StoreError, Tenant,
 };
@@ -101,10 +102,9 @@ pub struct AppState {
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
     pub store: Arc<dyn Store>,
-    pub master: Arc<MasterKey>,
-    pub keys: KeyCache,
-    pub passthrough: PassthroughCache,
-    pub metrics: Metrics,
+    /// The key cache, passthrough verdicts, master key and metrics, as the data plane takes
+    /// them.
+    pub plane: DataPlane,
 }
 
 impl AppState {
@@ -151,12 +151,15 @@ impl AppState {
                 let generation = live.generation;
                 let routes = live.config.routes.len();
                 // Verdicts are cached per route index; the indexes may mean other routes now.
-                self.passthrough.clear();
+                self.plane.passthrough.clear();
                 for field in &needs_restart {
                     tracing::warn!(field, "changed in the config file; applies after a restart");
                 }
                 tracing::info!(generation, routes, "config reloaded");
-                self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.plane
+                    .metrics
+                    .reloads_ok
+                    .fetch_add(1, Ordering::Relaxed);
                 *status = ReloadStatus {
                     generation,
                     attempted_at: status.attempted_at,
@@ -167,7 +170,10 @@ impl AppState {
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload refused; the running config stays");
-                self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                self.plane
+                    .metrics
+                    .reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 status.error = Some(e.clone());
                 Err(e)
             }
@@ -207,6 +213,19 @@ impl AppState {
         Ok((live, needs_restart))
     }
 
+    /// After a key write: make the key cache see the new keys revision now, not at the next poll.
+    pub fn keys_changed(&self) -> Result<(), StoreError> {
+        let rev = self.store.revisions()?;
+        self.plane.keys.note_revision(rev.keys);
+        Ok(())
+    }
+
+    /// After a secret or env var write: rebuild the routes' credentials (and templated
+    /// headers) now, not at the next poll.
+    pub fn secrets_changed(&self) -> Result<(), StoreError> {
+        self.refresh_credentials()
+    }
+
     /// Re-reads the credentials of the live config from the store. Blocking: call it from a
     /// blocking task.
     pub fn refresh_credentials(&self) -> Result<(), StoreError> {
@@ -220,14 +239,14 @@ impl AppState {
     /// it (or revoke it, by config), log the event by key id, never the key. Store lookups
     /// count against the peer's failed-authentication allowance, as on the TLS listeners.
     pub async fn cleartext_key_seen(&self, key: &Secret, peer: std::net::IpAddr) {
-        let principal = match self.keys.cached(key.expose()) {
+        let principal = match self.plane.keys.cached(key.expose()) {
             Some(p) => p,
             None => {
                 let live = self.live();
                 if live.limits.ip_blocked(peer).is_some() {
                     return;
                 }
-                match self.keys.authenticate(key.expose()).await {
+                match self.plane.keys.authenticate(key.expose()).await {
                     Ok(Some(p)) => p,
                     Ok(None) => {
                         live.limits.auth_failed(peer);
@@ -237,7 +256,8 @@ impl AppState {
                 }
             }
         };
-        self.metrics
+        self.plane
+            .metrics
             .exposed_keys_flagged
             .fetch_add(1, Ordering::Relaxed);
         let revoke = self.live().config.keys.on_cleartext == OnCleartext::Revoke;
@@ -253,7 +273,7 @@ impl AppState {
         .await;
         match result {
             Ok(Ok(rev)) => {
-                self.keys.note_revision(rev.keys);
+                self.plane.keys.note_revision(rev.keys);
                 tracing::warn!(key_id = %principal.key_id(), revoked = revoke,
                     "a valid key was sent over cleartext HTTP; flagged as exposed");
             }
@@ -262,6 +282,47 @@ impl AppState {
             }
             Err(e) => tracing::error!(error = %e, "flagging task failed"),
         }
+    }
+}
+
+/// What a listener serves, for the accept loop: the proxy plane (`proxy::handle` on the data
+/// plane and the config snapshot of the request's moment) or the admin plane.
+#[derive(Clone)]
+struct Listener {
+    state: Arc<AppState>,
+    plane: Plane,
+}
+
+impl Serve for Listener {
+    fn plane(&self) -> Plane {
+        self.plane
+    }
+
+    fn settings(&self) -> (TlsAcceptor, Arc<Config>) {
+        let live = self.state.live();
+        (live.tls.clone(), live.config.clone())
+    }
+
+    async fn call(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        peer: std::net::IpAddr,
+    ) -> hyper::Response<crate::Body> {
+        match self.plane {
+            Plane::Proxy => {
+                let live = self.state.live();
+                crate::proxy::handle(&self.state.plane, &live, req, peer).await
+            }
+            Plane::Admin => crate::admin::handle(self.state.clone(), req, peer).await,
+        }
+    }
+
+    async fn cleartext_key(&self, key: Secret, peer: std::net::IpAddr) {
+        self.state.cleartext_key_seen(&key, peer).await
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.state.plane.metrics
     }
 }
 
@@ -407,10 +468,12 @@ pub async fn start(
         reload_status: std::sync::Mutex::default(),
         tenant,
         store,
-        master,
-        keys,
-        passthrough: PassthroughCache::new(config.keys.cache_capacity),
-        metrics: Metrics::default(),
+        plane: DataPlane {
+            master,
+            keys: Arc::new(keys),
+            passthrough: Arc::new(PassthroughCache::new(config.keys.cache_capacity)),
+            metrics: Arc::new(Metrics::default()),
+        },
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -419,13 +482,11 @@ pub async fn start(
     for (listener, plane) in [(proxy, Plane::Proxy), (admin, Plane::Admin)] {
         let p = Arc::new(Semaphore::new(config.server.max_connections));
         permits.push(p.clone());
-        tasks.spawn(accept_loop(
-            listener,
+        let app = Listener {
+            state: state.clone(),
             plane,
-            state.clone(),
-            p,
-            shutdown_rx.clone(),
-        ));
+        };
+        tasks.spawn(accept_loop(listener, app, p, shutdown_rx.clone()));
     }
     tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx.clone()));
     tasks.spawn(evict_idle_state(state.clone(), shutdown_rx));
@@ -468,7 +529,7 @@ async fn evict_idle_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
         tokio::select! {
             _ = tick.tick() => {
                 state.live().limits.evict_idle();
-                state.keys.evict_expired();
+                state.plane.keys.evict_expired();
             }
             _ = crate::server::signalled(&mut shutdown) => return,
         }
@@ -501,7 +562,7 @@ async fn poll_store(
         .await;
         match polled {
             Ok(rev) => {
-                state.keys.note_revision(rev.keys);
+                state.plane.keys.note_revision(rev.keys);
                 seen = rev;
                 if failing {
                     tracing::info!("key store readable again");

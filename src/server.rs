@@ -37,11 +37,32 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 
 use crate::access::LoggedBody;
-use crate::app::AppState;
-use crate::config::ServerConfig;
+use crate::config::{Config, ServerConfig};
+use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::Body;
 
 type Logged = LoggedBody<Body>;
+
+/// The application behind a listener: all the accept loop asks of it. `app.rs` implements it
+/// for the proxy and the admin plane; this file knows nothing else about them.
+pub trait Serve: Clone + Send + Sync + 'static {
+    /// Which plane this is (metrics label, access log).
+    fn plane(&self) -> Plane;
+    /// The TLS acceptor and config for a connection arriving now.
+    fn settings(&self) -> (tokio_rustls::TlsAcceptor, Arc<Config>);
+    /// Answers one request; errors are answers too.
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: std::net::IpAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
+    /// A key seen in a cleartext request on this listener's port.
+    fn cleartext_key(&self, key: Secret, peer: std::net::IpAddr)
+        -> impl Future<Output = ()> + Send;
+    /// The metrics the accept loop counts into.
+    fn metrics(&self) -> &Metrics;
+}
 
 /// Which plane a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,27 +81,27 @@ impl Plane {
 }
 
 /// Counts a request in `keygate_requests_in_flight` while its handler runs.
-struct InFlight<'a>(&'a AppState);
+struct InFlight<'a>(&'a Metrics);
 
 impl<'a> InFlight<'a> {
-    fn enter(state: &'a AppState) -> Self {
-        state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(state)
+    fn enter(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(metrics)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Counts an open connection in `keygate_connections` while it lives.
-struct ConnGauge(Arc<AppState>, usize);
+struct ConnGauge<A: Serve>(A);
 
-impl Drop for ConnGauge {
+impl<A: Serve> Drop for ConnGauge<A> {
     fn drop(&mut self) {
-        self.0.metrics.connections[self.1].fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics().connections[self.0.plane() as usize].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -135,14 +156,14 @@ impl Drop for Active {
 const CLEARTEXT_HEAD_MAX: usize = 16 * 1024;
 const CLEARTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 43\r\nConnection: close\r\n\r\nthis port speaks HTTPS only; use https://\r\n";
 
-/// Accepts connections until `shutdown` turns true.
-pub async fn accept_loop(
+/// Accepts connections for `app` until `shutdown` turns true.
+pub async fn accept_loop<A: Serve>(
     listener: TcpListener,
-    plane: Plane,
-    state: Arc<AppState>,
+    app: A,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let plane = app.plane();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -162,46 +183,41 @@ pub async fn accept_loop(
             drop(tcp);
             continue;
         };
+        app.metrics().connections[plane as usize].fetch_add(1, Ordering::Relaxed);
         let conn = Conn {
-            plane,
-            state: state.clone(),
+            app: app.clone(),
             shutdown: shutdown.clone(),
             _permit: ConnSlot {
                 _permit: permit,
-                _gauge: {
-                    let i = plane as usize;
-                    state.metrics.connections[i].fetch_add(1, Ordering::Relaxed);
-                    ConnGauge(state.clone(), i)
-                },
+                _gauge: ConnGauge(app.clone()),
             },
         };
         tokio::spawn(conn.serve(tcp, peer));
     }
 }
 
-struct Conn {
-    plane: Plane,
-    state: Arc<AppState>,
+struct Conn<A: Serve> {
+    app: A,
     shutdown: watch::Receiver<bool>,
-    _permit: ConnSlot,
+    _permit: ConnSlot<A>,
 }
 
 /// What a connection holds while it lives: its place under the connection cap, and its
 /// count in the connections gauge.
-struct ConnSlot {
+struct ConnSlot<A: Serve> {
     _permit: OwnedSemaphorePermit,
-    _gauge: ConnGauge,
+    _gauge: ConnGauge<A>,
 }
 
-impl Conn {
+impl<A: Serve> Conn<A> {
     /// One connection, from the first byte to the end. Each phase runs in its own boxed
     /// future: an async fn's state is as large as its largest phase, and this one lives as
     /// long as the connection, so an idle keep-alive connection should not carry the
     /// cleartext answer's read buffers or the TLS handshake's state.
     async fn serve(self, tcp: TcpStream, peer: SocketAddr) {
         // The config and certificate of the moment the connection arrived.
-        let live = self.state.live();
-        let timeout = live.config.server.header_read_timeout;
+        let (acceptor, config) = self.app.settings();
+        let timeout = config.server.header_read_timeout;
         let _ = tcp.set_nodelay(true);
         let mut first = [0u8; 1];
         match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
@@ -210,35 +226,27 @@ impl Conn {
         }
         if first[0] != 0x16 {
             if first[0].is_ascii_alphabetic() {
-                let server = live.config.server.clone();
-                Box::pin(answer_cleartext(
-                    tcp,
-                    peer,
-                    self.plane,
-                    &self.state,
-                    &server,
-                ))
-                .await;
+                Box::pin(answer_cleartext(tcp, peer, &self.app, &config.server)).await;
             }
             return;
         }
-        let accept = Box::pin(tokio::time::timeout(timeout, live.tls.accept(tcp)));
+        let accept = Box::pin(tokio::time::timeout(timeout, acceptor.accept(tcp)));
         // Not held for the connection's lifetime: each request loads the config of its moment.
-        drop(live);
+        drop(config);
         let tls = match accept.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                self.state
-                    .metrics
+                self.app
+                    .metrics()
                     .tls_handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
-                self.state
-                    .metrics
+                self.app
+                    .metrics()
                     .tls_handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 return;
@@ -257,11 +265,11 @@ impl Conn {
         tls: TlsStream<TcpStream>,
         peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let live = self.state.live();
-        let server = &live.config.server;
+        let (_, config) = self.app.settings();
+        let server = &config.server;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let state = self.state.clone();
-        let plane = self.plane;
+        let app = self.app.clone();
+        let plane = app.plane();
         let activity = Activity::new();
         let idle = Idle {
             activity: activity.clone(),
@@ -274,23 +282,21 @@ impl Conn {
         // are counted here, so both protocols answer 431 alike.
         let max_headers = h2.then_some(server.max_headers);
         let svc = service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
+            let app = app.clone();
             let active = Active::enter(&activity);
             let fut: Pin<Box<dyn Future<Output = Result<Response<Logged>, Infallible>> + Send>> =
                 Box::pin(async move {
                     let pending = crate::access::Pending::capture(&req, plane.name());
                     // A guard, not a decrement after the await: a client that goes away drops
                     // this future mid-way.
-                    let in_flight = (plane == Plane::Proxy).then(|| InFlight::enter(&state));
-                    let res = match plane {
-                        _ if max_headers.is_some_and(|max| req.headers().len() > max) => {
-                            crate::error::error_response(
-                                hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                "too many request headers",
-                            )
-                        }
-                        Plane::Proxy => crate::proxy::handle(&state, req, peer.ip()).await,
-                        Plane::Admin => crate::admin::handle(state.clone(), req, peer.ip()).await,
+                    let in_flight = (plane == Plane::Proxy).then(|| InFlight::enter(app.metrics()));
+                    let res = if max_headers.is_some_and(|max| req.headers().len() > max) {
+                        crate::error::error_response(
+                            hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "too many request headers",
+                        )
+                    } else {
+                        app.call(req, peer.ip()).await
                     };
                     drop(in_flight);
                     let (mut parts, body) = res.into_parts();
@@ -367,12 +373,12 @@ struct Idle {
 /// idle timeout, asks it to finish gracefully (h2: GOAWAY) and waits for that. An h1
 /// connection's stream comes back through `returned` once hyper is done with it, for a
 /// lingering close.
-async fn drive<C: GracefulConnection<Error = hyper::Error> + ?Sized>(
+async fn drive<C: GracefulConnection<Error = hyper::Error> + ?Sized, A: Serve>(
     mut conn: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
     idle: Idle,
     peer: SocketAddr,
-    _permit: ConnSlot,
+    _permit: ConnSlot<A>,
     returned: Option<tokio::sync::oneshot::Receiver<TlsStream<TcpStream>>>,
 ) {
     // Re-armed rather than reset per request: it wakes at most once per idle period, and on
@@ -521,13 +527,13 @@ impl tokio::io::AsyncWrite for Handback {
 
 /// A cleartext HTTP request reached a TLS port: answer in plain text and never forward it.
 /// A valid key in it has leaked onto the network, so it is flagged (or revoked).
-async fn answer_cleartext(
+async fn answer_cleartext<A: Serve>(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    plane: Plane,
-    state: &AppState,
+    app: &A,
     server: &ServerConfig,
 ) {
+    let plane = app.plane();
     let mut head = Vec::with_capacity(1024);
     let read = tokio::time::timeout(server.header_read_timeout, async {
         let mut buf = [0u8; 2048];
@@ -540,13 +546,12 @@ async fn answer_cleartext(
     })
     .await;
     let _ = read;
-    state
-        .metrics
+    app.metrics()
         .cleartext_attempts
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
     if let Some(key) = key_in_head(&head) {
-        state.cleartext_key_seen(&key, peer.ip()).await;
+        app.cleartext_key(key, peer.ip()).await;
     }
     let _ = tcp.write_all(CLEARTEXT_ANSWER).await;
     let _ = tcp.shutdown().await;

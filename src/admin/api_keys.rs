@@ -179,7 +179,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
             let live = s.live();
             let made = actions::create_keys(
                 s.store.as_ref(),
-                &s.master,
+                &s.plane.master,
                 (&org, &user),
                 &live.config.routes,
                 new,

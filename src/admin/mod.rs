@@ -51,7 +51,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, peer: IpAddr) 
             Ok(res) => res,
             Err(e) => {
                 if matches!(e, AdminError::RateLimited(_)) {
-                    state.metrics.refused(if info.authenticated {
+                    state.plane.metrics.refused(if info.authenticated {
                         crate::metrics::Refusal::Admin
                     } else {
                         crate::metrics::Refusal::AuthFailures
@@ -133,21 +133,6 @@ impl Ctx {
             Some(id) if id == self.principal.org_id() => Ok(id),
             _ => Err(AdminError::BadRequest(format!("unknown org_name {name:?}"))),
         }
-    }
-}
-
-impl AppState {
-    /// After a key write: make the key cache see the new keys revision now, not at the next poll.
-    pub fn keys_changed(&self) -> Result<(), StoreError> {
-        let rev = self.store.revisions()?;
-        self.keys.note_revision(rev.keys);
-        Ok(())
-    }
-
-    /// After a secret or env var write: rebuild the routes' credentials (and templated
-    /// headers) now, not at the next poll.
-    pub fn secrets_changed(&self) -> Result<(), StoreError> {
-        self.refresh_credentials()
     }
 }
 
@@ -237,13 +222,13 @@ async fn authenticate(
     let presented = crate::proxy::authenticate::presented_key(headers);
     if let Some(l) = live.limits.ip_blocked(peer) {
         // As on the proxy listener: a key cached as valid is never refused by the throttle.
-        if presented.and_then(|k| state.keys.cached(k)).is_none() {
+        if presented.and_then(|k| state.plane.keys.cached(k)).is_none() {
             return Err(AdminError::RateLimited(l));
         }
     }
     let found = match presented {
         None => Ok(None),
-        Some(key) => state.keys.authenticate(key).await,
+        Some(key) => state.plane.keys.authenticate(key).await,
     };
     let principal = match found {
         Ok(Some(p)) => p,

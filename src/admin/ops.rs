@@ -15,7 +15,7 @@ use crate::Body;
 /// list is fresh) and the listener certificate has not expired; else 503 with the reasons.
 pub fn readyz(state: &AppState) -> Response<Body> {
     let live = state.live();
-    let staleness = state.keys.staleness();
+    let staleness = state.plane.keys.staleness();
     let bound = live.config.keys.staleness_bound;
     let store_ok = staleness <= bound;
     let now = std::time::SystemTime::now()
@@ -60,12 +60,12 @@ pub fn readyz(state: &AppState) -> Response<Body> {
 /// The Prometheus text exposition.
 pub fn metrics(state: &AppState) -> Response<Body> {
     let live = state.live();
-    let (hits, misses) = state.keys.stats();
-    let text = state.metrics.render(&Snapshot {
-        key_cache_entries: state.keys.len(),
+    let (hits, misses) = state.plane.keys.stats();
+    let text = state.plane.metrics.render(&Snapshot {
+        key_cache_entries: state.plane.keys.len(),
         key_cache_hits: hits,
         key_cache_misses: misses,
-        key_store_staleness: state.keys.staleness(),
+        key_store_staleness: state.plane.keys.staleness(),
         limiter_tracked: live.limits.tracked(),
         config_generation: live.generation,
     });

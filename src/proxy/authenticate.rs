@@ -12,11 +12,14 @@ use std::net::IpAddr;
 
 use http::HeaderValue;
 
-use crate::app::{AppState, Live};
+use super::forward::Upstream;
+use super::limit::Limiters;
+use super::passthrough::PassthroughCache;
 use crate::config::{Inject, Route};
 use crate::crypto::is_well_formed_key;
+use crate::crypto::MasterKey;
 use crate::error::ProxyError;
-use crate::keycache::LookupError;
+use crate::keycache::{KeyCache, LookupError};
 use crate::store::Principal;
 
 /// The header keygate's own keys travel in.
@@ -57,26 +60,36 @@ pub enum Grant {
     Passthrough { bearer: HeaderValue, uid: u128 },
 }
 
+/// What authentication reads: the key cache, the passthrough verdicts (with the master key for
+/// their digests and the upstream client for validation calls), and the failed-attempt
+/// throttle.
+pub struct Verifiers<'a> {
+    pub keys: &'a KeyCache,
+    pub passthrough: &'a PassthroughCache,
+    pub master: &'a MasterKey,
+    pub upstream: &'a Upstream,
+    pub limits: &'a Limiters,
+}
+
 /// Authenticates the request for its route: a keygate key allowed on the route, or on a
 /// passthrough route a key the upstream accepts.
 /// Failed attempts count against `peer`'s allowance; a blocked peer gets 429 before any lookup.
 pub async fn authenticate(
-    state: &AppState,
-    live: &Live,
+    v: &Verifiers<'_>,
     route: (usize, &Route),
     headers: &HeaderMap,
     peer: IpAddr,
 ) -> Result<Grant, ProxyError> {
-    if let Some(l) = live.limits.ip_blocked(peer) {
+    if let Some(l) = v.limits.ip_blocked(peer) {
         // The throttle guards the store (and a passthrough upstream) against unknown keys. A
         // key already known as valid costs neither, and refusing it would lock out every good
         // client behind the same address (as a sidecar, all of them are 127.0.0.1).
-        if !known(state, route, headers).await {
+        if !known(v, route, headers).await {
             return Err(ProxyError::RateLimited(l));
         }
     }
-    match check(state, live, route, headers).await {
-        Err(ProxyError::Unauthorized) => Err(match live.limits.auth_failed(peer) {
+    match check(v, route, headers).await {
+        Err(ProxyError::Unauthorized) => Err(match v.limits.auth_failed(peer) {
             Some(l) => ProxyError::RateLimited(l),
             None => ProxyError::Unauthorized,
         }),
@@ -85,32 +98,26 @@ pub async fn authenticate(
 }
 
 /// Whether the presented key is cached as valid for the route: no store read, no upstream call.
-async fn known(state: &AppState, (index, route): (usize, &Route), headers: &HeaderMap) -> bool {
+async fn known(v: &Verifiers<'_>, (index, route): (usize, &Route), headers: &HeaderMap) -> bool {
     let Some(key) = presented_key(headers) else {
         return false;
     };
     match &route.inject {
-        Inject::Passthrough(_) => {
-            state
-                .passthrough
-                .known_valid(&state.master, index, key)
-                .await
-        }
-        Inject::AiSecret { .. } => state.keys.cached(key).is_some(),
+        Inject::Passthrough(_) => v.passthrough.known_valid(v.master, index, key).await,
+        Inject::AiSecret { .. } => v.keys.cached(key).is_some(),
     }
 }
 
 async fn check(
-    state: &AppState,
-    live: &Live,
+    v: &Verifiers<'_>,
     (index, route): (usize, &Route),
     headers: &HeaderMap,
 ) -> Result<Grant, ProxyError> {
     let key = presented_key(headers).ok_or(ProxyError::Unauthorized)?;
-    if let Inject::Passthrough(v) = &route.inject {
+    if let Inject::Passthrough(validate) = &route.inject {
         // A key keygate issued never leaves keygate, whatever its route permissions say.
         if is_well_formed_key(key) {
-            match state.keys.authenticate(key).await {
+            match v.keys.authenticate(key).await {
                 Ok(None) => {}
                 Ok(Some(_)) => {
                     return Err(ProxyError::Forbidden {
@@ -124,13 +131,13 @@ async fn check(
                 }
             }
         }
-        let (bearer, uid) = state
+        let (bearer, uid) = v
             .passthrough
-            .validate(&state.master, &live.upstream, (index, route), v, key)
+            .validate(v.master, v.upstream, (index, route), validate, key)
             .await?;
         return Ok(Grant::Passthrough { bearer, uid });
     }
-    let principal = match state.keys.authenticate(key).await {
+    let principal = match v.keys.authenticate(key).await {
         Ok(Some(p)) => p,
         Ok(None) => return Err(ProxyError::Unauthorized),
         Err(LookupError::Stale) => return Err(ProxyError::StoreUnavailable),

@@ -27,31 +27,49 @@ use hyper::{Request, Response};
 use std::time::Instant;
 
 use crate::access::AccessInfo;
-use crate::app::{AppState, Live};
+use std::sync::Arc;
+
+use crate::app::Live;
+use crate::crypto::MasterKey;
 use crate::error::ProxyError;
-use crate::metrics::{Refusal, NO_ROUTE};
+use crate::keycache::KeyCache;
+use crate::metrics::{Metrics, Refusal, NO_ROUTE};
 use crate::Body;
 
-/// Serves one proxied request from `peer`. The response carries an [`AccessInfo`] in its
-/// extensions for the access log.
-pub async fn handle(state: &AppState, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
-    // One config snapshot for the whole request: a reload meanwhile does not change it.
-    let live = state.live();
+/// What the data plane uses besides the config snapshot ([`Live`]): the key cache, the
+/// passthrough verdicts, the master key (for passthrough key digests) and the metrics.
+#[derive(Clone)]
+pub struct DataPlane {
+    pub keys: Arc<KeyCache>,
+    pub passthrough: Arc<passthrough::PassthroughCache>,
+    pub master: Arc<MasterKey>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves one proxied request from `peer` on the config snapshot `live` (a reload meanwhile
+/// does not change it). The response carries an [`AccessInfo`] in its extensions for the
+/// access log.
+pub async fn handle(
+    plane: &DataPlane,
+    live: &Live,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Response<Body> {
     let mut info = AccessInfo::default();
-    let mut res = match pipeline(state, &live, req, peer, &mut info).await {
+    let mut res = match pipeline(plane, live, req, peer, &mut info).await {
         Ok(res) => res,
         Err(e) => {
             match &e {
                 ProxyError::RateLimited(_) if info.authenticated => {
-                    state.metrics.refused(Refusal::Proxy)
+                    plane.metrics.refused(Refusal::Proxy)
                 }
-                ProxyError::RateLimited(_) => state.metrics.refused(Refusal::AuthFailures),
+                ProxyError::RateLimited(_) => plane.metrics.refused(Refusal::AuthFailures),
                 _ => {}
             }
             e.into_response()
         }
     };
-    state.metrics.request(
+    plane.metrics.request(
         info.route.as_deref().unwrap_or(NO_ROUTE),
         res.status().as_u16(),
         info.upstream,
@@ -61,7 +79,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>, peer: IpAddr) -> R
 }
 
 async fn pipeline(
-    state: &AppState,
+    plane: &DataPlane,
     live: &Live,
     mut req: Request<Incoming>,
     peer: IpAddr,
@@ -93,7 +111,14 @@ async fn pipeline(
         .select(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
     info.route = Some(route.1.name.clone());
-    let grant = authenticate::authenticate(state, live, route, req.headers(), peer).await?;
+    let verifiers = authenticate::Verifiers {
+        keys: &plane.keys,
+        passthrough: &plane.passthrough,
+        master: &plane.master,
+        upstream: &live.upstream,
+        limits: &live.limits,
+    };
+    let grant = authenticate::authenticate(&verifiers, route, req.headers(), peer).await?;
     info.authenticated = true;
     if let authenticate::Grant::Key(p) = &grant {
         info.key_uid = Some(p.key_uid);
