@@ -61,6 +61,9 @@ pub enum AppError {
 pub struct Live {
     pub config: Arc<Config>,
     pub routes: RouteTable,
+    /// What each route injects. The one field of a snapshot that changes after it is built:
+    /// written only by `write_credentials`, under the credentials writer lock (a secret or env
+    /// var changed, or a reload filling its new snapshot before swapping it in).
     pub credentials: Credentials,
     pub limits: Limiters,
     /// Shared with the next config when its `[upstream]` and CA file are unchanged: pooled
@@ -97,7 +100,7 @@ pub struct AppState {
     /// lose the race to a secret write whose refresh lands on the old config, and then swap in
     /// its stale copy. Async code locks it with `lock().await`, blocking code with
     /// `blocking_lock()`.
-    credentials_writer: tokio::sync::Mutex<()>,
+    credentials_writer: Arc<tokio::sync::Mutex<()>>,
     pub reload_status: std::sync::Mutex<ReloadStatus>,
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
@@ -125,20 +128,16 @@ impl AppState {
                 let live = Arc::new(live);
                 // Credentials are read under the writer lock and swapped in before it is
                 // released: a refresh that comes later refreshes the new config.
-                let _writer = self.credentials_writer.lock().await;
+                let writer = self.credentials_writer.clone().lock_owned().await;
                 let (store, tenant, fresh) =
                     (self.store.clone(), self.tenant.clone(), live.clone());
-                blocking(move || {
-                    fresh
-                        .credentials
-                        .refresh(store.as_ref(), &tenant, &fresh.config.routes)
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .map(|()| {
-                    self.live.store(live.clone());
-                    (live, needs_restart)
-                })
+                blocking(move || write_credentials(&writer, store.as_ref(), &tenant, &fresh))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|()| {
+                        self.live.store(live.clone());
+                        (live, needs_restart)
+                    })
             }
             Err(e) => Err(e),
         };
@@ -229,10 +228,8 @@ impl AppState {
     /// Re-reads the credentials of the live config from the store. Blocking: call it from a
     /// blocking task.
     pub fn refresh_credentials(&self) -> Result<(), StoreError> {
-        let _writer = self.credentials_writer.blocking_lock();
-        let live = self.live();
-        live.credentials
-            .refresh(self.store.as_ref(), &self.tenant, &live.config.routes)
+        let writer = self.credentials_writer.clone().blocking_lock_owned();
+        write_credentials(&writer, self.store.as_ref(), &self.tenant, &self.live())
     }
 
     /// A key was seen in a cleartext request from `peer`: if it is valid, it has leaked. Flag
@@ -283,6 +280,17 @@ impl AppState {
             Err(e) => tracing::error!(error = %e, "flagging task failed"),
         }
     }
+}
+
+/// The one writer of credentials: re-reads the credentials of `live`'s routes from the store
+/// into `live`. Taking the writer lock's guard proves the caller holds it. Blocking.
+fn write_credentials(
+    _writer: &tokio::sync::OwnedMutexGuard<()>,
+    store: &dyn Store,
+    tenant: &Tenant,
+    live: &Live,
+) -> Result<(), StoreError> {
+    live.credentials.refresh(store, tenant, &live.config.routes)
 }
 
 /// What a listener serves, for the accept loop: the proxy plane (`proxy::handle` on the data
@@ -464,7 +472,7 @@ pub async fn start(
             config: config.clone(),
         }),
         reloading: tokio::sync::Mutex::new(()),
-        credentials_writer: tokio::sync::Mutex::new(()),
+        credentials_writer: Arc::default(),
         reload_status: std::sync::Mutex::default(),
         tenant,
         store,
