@@ -258,6 +258,16 @@ async fn metrics_and_readyz_report_without_keys_or_secrets() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["checks"]["key_store"]["ok"], true);
+    // The certificate check reads the loaded certificate's expiry, not a constant.
+    assert_eq!(ready["checks"]["certificates"]["ok"], true);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expires = ready["checks"]["certificates"]["expires_unix"]
+        .as_i64()
+        .expect("the certificate's expiry");
+    assert!(expires > now, "{ready}");
     kg.stop().await;
 }
 
