@@ -27,10 +27,12 @@ use std::collections::HashSet;
 use std::hash::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
+// tokio's clock: std's outside a paused test runtime, so the tests can pause and advance it.
+use tokio::time::Instant;
 
 use crate::crypto::{is_well_formed_key, MasterKey};
 use crate::store::{KeyLookup, Principal, Profile, StoreError};
@@ -355,7 +357,7 @@ mod tests {
         (store, cache, key)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_known_key_is_read_from_the_store_once() {
         let (store, cache, key) = setup(Duration::from_secs(10));
         for _ in 0..100 {
@@ -364,7 +366,7 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn unknown_keys_are_negatively_cached_and_malformed_ones_never_looked_up() {
         let (store, cache, _) = setup(Duration::from_secs(10));
         let unknown = format!("sk-{}", "Z".repeat(48));
@@ -376,7 +378,7 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_misses_share_one_store_read() {
         let (store, cache, key) = setup(Duration::from_secs(10));
         let cache = Arc::new(cache);
@@ -412,7 +414,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_newer_revision_makes_cached_entries_stale_at_once() {
         let (store, cache, key) = setup(Duration::from_secs(10));
         assert!(cache.authenticate(&key).await.unwrap().is_some());
@@ -427,7 +429,7 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_unreadable_store_fails_closed() {
         let (store, cache, key) = setup(Duration::from_millis(50));
         store.fail.store(true, Ordering::SeqCst);
@@ -435,7 +437,7 @@ mod tests {
             cache.authenticate(&key).await,
             Err(LookupError::Store(_))
         ));
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::advance(Duration::from_millis(80)).await;
         // Past the staleness bound without a successful poll: refused even for cached keys.
         assert!(matches!(
             cache.authenticate(&key).await,

@@ -740,7 +740,7 @@ async fn stalled_download(
     );
     let (at, complete) = up.ended()[ended0];
     assert!(!complete, "{upstream}/{stall:?}: 512 MiB sent whole");
-    // Nothing more is made once it is cancelled.
+    // Nothing more is made once it is cancelled (kept: an absence is watched over a window).
     let body_end = up.body_bytes.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -1040,7 +1040,8 @@ fn r2_upstream_dying_mid_upload_is_a_502_once_and_the_next_request_works() {
                         "{what}: the client was answered {s}"
                     );
                 }
-                // Long enough for any retry to show up at the upstream.
+                // Long enough for any retry to show up at the upstream (kept: a window for
+                // a retry; no signal says none is coming).
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let attempts = up.seen(path) - before;
                 let read = up.log.lock().unwrap().upload_read.last().copied();

@@ -744,7 +744,8 @@ async fn run_corpus(upstream_h2: bool) -> (Tally, Vec<String>) {
         async move { exchange(&tls, kg.proxy, &case.bytes, Duration::from_secs(2)).await }
     }))
     .await;
-    // Let an upstream request still in flight land before counting.
+    // Let an upstream request still in flight land before counting. Kept: a window for late
+    // arrivals; nothing says none is coming (that needs a production count of upstream sends).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let recorded = up.recorded();
     eprintln!(
@@ -1295,7 +1296,8 @@ async fn malformed_input_fuzz_over_tls() {
         all.failures.extend(st.failures);
     }
     let elapsed = started.elapsed();
-    // In-flight upstream requests land.
+    // In-flight upstream requests land. Kept: a window for late arrivals; nothing says none is
+    // coming (that needs a production count of upstream sends).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let recorded = up.recorded();
     let mut upstream_failures: Vec<String> = recorded
@@ -1361,6 +1363,7 @@ async fn limit_probe(
 ) -> (Vec<u16>, bool, usize) {
     let before = up.recorded().len();
     let out = exchange(tls, kg.proxy, request.as_bytes(), Duration::from_secs(2)).await;
+    // Kept: a window for a late arrival upstream; no signal says none is coming.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (resps, _) = parse_all(&out.buf, out.closed);
     (

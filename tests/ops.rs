@@ -3,12 +3,15 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use support::harness::{wait_until, wait_until_async};
 use support::*;
 
 /// A TLS connection to `port` offering only `alpn`.
@@ -105,7 +108,11 @@ async fn reload_applies_routes_and_limits_without_dropping_connections() {
             )
         })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The stream is in flight: it reached the upstream before the reload.
+    assert!(
+        wait_until(Duration::from_secs(5), || up_a.has("/sse")).await,
+        "the stream did not reach the upstream"
+    );
     let (s, _, _) = send(&client, get(&kg.url("/b/x"), &[("x-api-key", &kg.key)])).await;
     assert_eq!(s, StatusCode::CREATED);
     assert!(up_b.recorded().is_empty(), "no /b route before the reload");
@@ -370,16 +377,27 @@ async fn sighup_and_keygate_reload_apply_the_file_and_sigterm_drains() {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight: the upstream has it (it answers after 1.5 s).
+    assert!(
+        wait_until(Duration::from_secs(5), || up_b.has("/slow")).await,
+        "the slow request did not reach the upstream"
+    );
     let proxy = kg.proxy;
     std::process::Command::new("kill")
         .args(["-TERM", &kg.pid().to_string()])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Polled: a connect accepted before the listener closed is let go at once.
+    let refused = || async {
+        let connect = tokio::net::TcpStream::connect(proxy);
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), connect).await,
+            Ok(Err(_))
+        )
+    };
     assert!(
-        tokio::net::TcpStream::connect(proxy).await.is_err(),
-        "the listener still accepts after SIGTERM"
+        wait_until_async(Duration::from_secs(5), refused).await,
+        "the listener still accepts 5 s after SIGTERM"
     );
     let (status, body) = slow.await.unwrap().expect("the in-flight request finished");
     assert_eq!(status, StatusCode::OK);
@@ -503,7 +521,11 @@ async fn requests_in_flight_returns_to_zero_when_a_client_goes_away() {
         let key = kg.key.clone();
         tokio::spawn(async move { client.request(get(&url, &[("x-api-key", &key)])).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The handler is running: the upstream has the request (and answers after 3 s).
+    assert!(
+        wait_until(Duration::from_secs(5), || up.has("/slow")).await,
+        "the slow request did not reach the upstream"
+    );
     assert_eq!(gauge(&scrape().await), "keygate_requests_in_flight 1");
     task.abort();
     let mut last = String::new();
@@ -557,12 +579,17 @@ async fn sigterm_ends_long_streams_at_the_drain_deadline_and_exits_0() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    let received = Arc::new(AtomicUsize::new(0));
+    let counted = received.clone();
     let reader = tokio::spawn(async move {
         let mut body = res.into_body();
         let (mut events, mut clean) = (0, false);
         loop {
             match body.frame().await {
-                Some(Ok(f)) => events += usize::from(f.data_ref().is_some()),
+                Some(Ok(f)) => {
+                    events += usize::from(f.data_ref().is_some());
+                    counted.store(events, Ordering::SeqCst);
+                }
                 Some(Err(_)) => break,
                 None => {
                     clean = true;
@@ -572,7 +599,12 @@ async fn sigterm_ends_long_streams_at_the_drain_deadline_and_exits_0() {
         }
         (events, clean, std::time::Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream flows: the client has events before the signal.
+    let flowing = || received.load(Ordering::SeqCst) >= 2;
+    assert!(
+        wait_until(Duration::from_secs(5), flowing).await,
+        "no events before SIGTERM"
+    );
     let sent = std::time::Instant::now();
     std::process::Command::new("kill")
         .args(["-TERM", &kg.pid().to_string()])

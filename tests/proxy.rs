@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
+use support::harness::wait_until;
 use support::*;
 
 #[tokio::test]
@@ -111,7 +112,12 @@ async fn every_401_is_identical_and_never_reaches_the_upstream() {
     assert_eq!(s, StatusCode::CREATED);
     use keygate::store::Store;
     store.delete_api_key(None, &revoked_id).unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The poller has seen the new keys revision: the cached entry is stale.
+    let stale = || kg.state().plane.keys.cached(&revoked).is_none();
+    assert!(
+        wait_until(Duration::from_secs(5), stale).await,
+        "the poller did not see the deletion within 5 s"
+    );
     let before = up.recorded().len();
 
     let unknown = format!("sk-{}", "A".repeat(48));

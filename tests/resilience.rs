@@ -9,6 +9,7 @@ mod support;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -382,6 +383,7 @@ fn r2_upstream_death_is_a_502_or_an_abnormal_end_and_post_is_never_retried() {
             .await;
             eprintln!("R2 {proto}: POST to a dying upstream -> {s} in {took:?}");
             assert_eq!(s, StatusCode::BAD_GATEWAY, "{proto}");
+            // Kept: a window for a retry to show up; no signal says none is coming.
             tokio::time::sleep(Duration::from_millis(300)).await;
             assert_eq!(
                 bad.seen("/post-die") - before,
@@ -678,7 +680,11 @@ fn no_fd_or_task_leak_after_200_mixed_requests_and_stop() {
                 status_of(&client, keyed("GET", &kg.url("/bad/ok"), &kg.key, b"")).await;
             assert_eq!(s, StatusCode::OK);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The warm-up client is gone: keygate has closed its side of that connection.
+        assert!(
+            wait_until(T5, || kg.proxy_connections() == 0).await,
+            "the warm-up connection is still open"
+        );
         let fds_base = open_fds();
         let tasks_base = alive_tasks();
 
@@ -747,7 +753,8 @@ fn no_fd_or_task_leak_after_200_mixed_requests_and_stop() {
             "dropped clients' upstream requests were not all cancelled"
         );
         let fds_after = settle_fds(fds_base + 10).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Waits up to 2 s for the task count to come down (as after the stop, below).
+        wait_until(Duration::from_secs(2), || alive_tasks() <= tasks_base + 10).await;
         let tasks_after = alive_tasks();
         eprintln!(
             "leaks: fds start {fds_start}, baseline {fds_base}, after 200 requests {fds_after}; \
@@ -805,11 +812,14 @@ fn r8_slowloris_connections_are_closed_after_the_header_timeout_and_others_carry
             "p".repeat(64)
         );
         let mut attackers = JoinSet::new();
+        let connected = Arc::new(AtomicUsize::new(0));
         for _ in 0..50 {
             let (tls, head, addr) = (tls.clone(), head.clone(), kg.proxy);
+            let connected = connected.clone();
             attackers.spawn(async move {
                 let c = connect(&tls, addr, b"http/1.1").await;
                 let t0 = Instant::now();
+                connected.fetch_add(1, Ordering::SeqCst);
                 let (mut r, mut w) = tokio::io::split(c);
                 let writer = tokio::spawn(async move {
                     // Three bytes every 500 ms: 6 bytes/s, never a whole head within 5 s.
@@ -836,8 +846,11 @@ fn r8_slowloris_connections_are_closed_after_the_header_timeout_and_others_carry
                 (closed.ok().map(|_| t0.elapsed()), got)
             });
         }
-        // Normal traffic during the attack.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Normal traffic during the attack: once all 50 slowloris connections are up.
+        assert!(
+            wait_until(T5, || connected.load(Ordering::SeqCst) == 50).await,
+            "the 50 slowloris connections did not all connect"
+        );
         let client = ca.client(false);
         for i in 0..5 {
             let (s, _, took) =
@@ -1030,6 +1043,7 @@ fn r7_h2_rapid_reset_gets_goaway_and_few_requests_reach_the_upstream() {
             }
         }
         let (sent, _) = writer.await.unwrap_or((0, false));
+        // Kept: a window for late arrivals upstream; no signal says none is coming.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let reached = up.recorded().len();
         let code = goaway

@@ -52,6 +52,24 @@ pub async fn wait_until(d: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Like [`wait_until`], for a condition that has to await something (a connect, a scrape).
+pub async fn wait_until_async<F, Fut>(d: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + d;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The server side of a hand-driven upstream connection.
 pub type UpTls = tokio_rustls::server::TlsStream<TcpStream>;
 

@@ -249,6 +249,16 @@ impl FakeUpstream {
     pub fn recorded(&self) -> Vec<Recorded> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// Whether a request for `path` has been recorded (as the handler began, for `/slow` and
+    /// `/sse`).
+    pub fn has(&self, path: &str) -> bool {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.uri.path() == path)
+    }
 }
 
 fn uuid_like() -> String {
@@ -496,6 +506,16 @@ impl Keygate {
         format!("https://127.0.0.1:{}{}", self.admin.port(), path)
     }
 
+    /// The running keygate's shared state (key cache, metrics), to wait on.
+    pub fn state(&self) -> &keygate::app::AppState {
+        &self.running.as_ref().expect("keygate running").state
+    }
+
+    /// Open connections on the proxy listener (the `keygate_connections` gauge).
+    pub fn proxy_connections(&self) -> i64 {
+        self.state().plane.metrics.connections[0].load(Ordering::SeqCst)
+    }
+
     /// The store, opened as the CLI would (a second connection).
     pub fn store(
         &self,
@@ -542,6 +562,8 @@ pub struct KeygateProcess {
     pub admin: SocketAddr,
     pub stdout_lines: Vec<String>,
     pub stderr: Arc<Mutex<String>>,
+    /// Copies stderr into `stderr` until the process closes it.
+    stderr_reader: tokio::task::JoinHandle<()>,
 }
 
 /// The `keygate` command, run in `cwd`, with its environment limited to what is given.
@@ -622,7 +644,7 @@ impl KeygateProcess {
             stdout_lines.push(l);
         }
         let sink = stderr.clone();
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             while let Ok(Some(l)) = err_lines.next_line().await {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&l);
@@ -635,6 +657,7 @@ impl KeygateProcess {
             admin: admin.unwrap(),
             stdout_lines,
             stderr,
+            stderr_reader,
         }
     }
 
@@ -666,7 +689,11 @@ impl KeygateProcess {
             .await
             .expect("keygate exits after SIGTERM")
             .expect("wait");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The whole log: the reader has copied everything up to the end of the stream.
+        tokio::time::timeout(Duration::from_secs(5), &mut self.stderr_reader)
+            .await
+            .expect("keygate's stderr ends after its exit")
+            .expect("stderr reader");
         let log = self.stderr.lock().unwrap().clone();
         (status.code(), log)
     }
