@@ -30,7 +30,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare as c  # noqa: E402  (the harness: processes, fixture, keygate setup)
+# The side-by-side harness (benches/compare/): processes, fixture, keygate setup.
+from compare.common import FIXTURE, KEYGATE, PROBE, find_tools, log  # noqa: E402
+from compare.parsers import parse_h2load  # noqa: E402
+from compare.processes import Processes, rss_kib  # noqa: E402
+from compare.tiers import Tiers  # noqa: E402
 
 
 def fds(pid: int) -> int:
@@ -60,11 +64,11 @@ def main() -> int:
         print("--minutes must be in (0, 30]", file=sys.stderr)
         return 2
     secs = int(a.minutes * 60)
-    tools = c.find_tools()
+    tools = find_tools()
     if not tools.get("h2load"):
         print("h2load is needed: apt-get install nghttp2-client", file=sys.stderr)
         return 2
-    for b in (c.KEYGATE, c.FIXTURE, c.PROBE):
+    for b in (KEYGATE, FIXTURE, PROBE):
         if not b.exists():
             print(f"{b} is missing: cargo build --release --bin keygate --example bench-upstream "
                   "--example sse-probe", file=sys.stderr)
@@ -72,8 +76,8 @@ def main() -> int:
     args = argparse.Namespace(quick=True, rounds=1, only=None, tiers="keygate",
                               tier_list=["keygate"], no_build=True, no_restart=True,
                               unpinned=True, report_only=False, keygate_upstream="h2")
-    procs = c.Processes(False)
-    bench = c.Bench(args, procs, tools)
+    procs = Processes(False)
+    bench = Tiers(args, procs, tools)
     try:
         bench.setup()
         pid = bench.pids("keygate")[0]
@@ -81,14 +85,14 @@ def main() -> int:
         url = bench.url("keygate")
         key = bench.big_key
         base_fds = fds(pid)
-        c.log(f"soak: {secs} s; h1 {a.h1_rps}/s, h2 {a.h2_rps}/s, {a.sse_streams} SSE streams; "
-              f"keygate pid {pid}, {base_fds} fds before the load")
+        log(f"soak: {secs} s; h1 {a.h1_rps}/s, h2 {a.h2_rps}/s, {a.sse_streams} SSE streams; "
+            f"keygate pid {pid}, {base_fds} fds before the load")
         h1 = [tools["h2load"], "--h1", "-t1", "-c32", f"--rps={max(1, a.h1_rps // 32)}",
               f"-D{secs}", "-H", f"x-api-key: {key}", url]
         h2 = [tools["h2load"], "-t1", "-c8", "-m8", f"--rps={max(1, a.h2_rps // 8)}",
               f"-D{secs}", "-H", f"x-api-key: {key}", url]
         events = secs * 10
-        sse = [str(c.PROBE), "--url", bench.url("keygate", "/sse"), "--ca", str(bench.ca),
+        sse = [str(PROBE), "--url", bench.url("keygate", "/sse"), "--ca", str(bench.ca),
                "--streams", str(a.sse_streams), "--events", str(events), "--gap-ms", "100",
                "--key", key, "--timeout-s", str(secs + 60)]
         loads = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -100,7 +104,7 @@ def main() -> int:
                 m = metrics(admin, bench.ca)
             except Exception as e:  # noqa: BLE001 (a failed scrape is reported, not fatal)
                 m = {"error": str(e)}
-            samples.append((time.monotonic() - t0, c.rss_kib([pid]), fds(pid), m))
+            samples.append((time.monotonic() - t0, rss_kib([pid]), fds(pid), m))
             time.sleep(1)
         outs = {n: p.communicate(timeout=120) for n, p in loads.items()}
         time.sleep(5)
@@ -112,7 +116,7 @@ def main() -> int:
     ok = True
     report = {"seconds": secs}
     for n in ("h1", "h2"):
-        r = c.parse_h2load(outs[n][0].decode(errors="replace"), None)
+        r = parse_h2load(outs[n][0].decode(errors="replace"), None)
         report[n] = {k: r.get(k) for k in ("requests", "errors", "rps")}
         text = outs[n][0].decode(errors="replace")
         m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)

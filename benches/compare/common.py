@@ -1,0 +1,58 @@
+"""What every part of the side-by-side benchmark shares: where things are (the repository, the
+release binaries, the templates, the results and the scratch directory), the tiers and their
+order, the cores, the two run modes, the commands that install missing tools, and log()."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHES = ROOT / "benches"
+TEMPLATES = BENCHES / "templates"
+RESULTS = BENCHES / "results"
+TMP = RESULTS / "tmp"
+WORK = TMP / "run"
+RELEASE = ROOT / "target" / "release"
+KEYGATE = RELEASE / "keygate"
+FIXTURE = RELEASE / "examples" / "bench-upstream"
+PROBE = RELEASE / "examples" / "sse-probe"
+
+TOKEN = "bench-upstream-token"
+N_KEYS = 10_000
+TIERS = ["direct", "keygate", "nginx", "haproxy"]
+PEERS = ["direct", "nginx", "haproxy"]
+PROXY_CORE = 0
+LOAD_CORE = 1
+
+# Per mode: durations in seconds, sizes, counts.
+MODES = {
+    "quick": dict(rounds=2, warmup_s=1, wrk_s=2, h2_s=2, rate_s=2, upload_s=1, handshake_s=1,
+                  sse_events=60, slow_uploads=64, slow_bytes=1 << 20, idle_conns=600,
+                  budget_s=180),  # W7 alone is ~30 s a round (3 tiers x 8 s + reload checks)
+    "full": dict(rounds=5, warmup_s=3, wrk_s=10, h2_s=5, rate_s=4, upload_s=4, handshake_s=4,
+                 sse_events=300, slow_uploads=64, slow_bytes=4 << 20, idle_conns=5000,
+                 budget_s=23 * 60),
+}
+
+INSTALL = {
+    "wrk": "apt-get install wrk",
+    "h2load": "apt-get install nghttp2-client",
+    "nginx": "apt-get install nginx",
+    "haproxy": "apt-get install haproxy",
+    "taskset": "apt-get install util-linux",
+    "oha": "cargo install oha",
+}
+APT_PKG = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "haproxy": "haproxy",
+           "taskset": "util-linux"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def find_tools() -> dict[str, str | None]:
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/local/sbin"
+    return {t: shutil.which(t, path=path) for t in INSTALL}

@@ -1,0 +1,405 @@
+"""The tiers: the processes under test and how to reach them. direct is the upstream fixture
+(examples/bench_upstream.rs) itself; keygate, nginx and HAProxy proxy to it. This module owns
+their certificates (keygate's development CA), the 10,000 keys and the key with a large quota,
+their configs (keygate's written here, nginx's and HAProxy's from benches/templates), starting,
+checking, restarting and reloading them, and which pids to measure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .client import http_get, tls_context
+from .common import (FIXTURE, KEYGATE, LOAD_CORE, MODES, N_KEYS, PROXY_CORE, TEMPLATES, TOKEN,
+                     WORK, log)
+from .processes import Processes, children, free_port, wait_for_line, wait_for_port
+
+
+class Tiers:
+    """The fixture and the proxies of one run. A workload gets this object and the name of the
+    tier to load: it reaches the tier by port[tier] or url(), watches pids(), and finds here
+    what the run was given (args, mode, tools, procs) and note() for what the report should
+    say."""
+
+    def __init__(self, args, procs: Processes, tools: dict[str, str | None],
+                 note: Callable[[str], None] | None = None):
+        self.args = args
+        self.mode = MODES["quick" if args.quick else "full"]
+        self.procs = procs
+        self.tools = tools
+        self.note = note or (lambda msg: log("note: " + msg))
+        self.certs = WORK / "certs"
+        self.ca = self.certs / "ca.pem"
+        self.keys: list[str] = []
+        self.big_key = ""
+        self.ports: dict[str, int] = {}  # every listener, by name (setup)
+        self.port: dict[str, int] = {}   # each tier's TLS port, the one its clients use (setup)
+        self.proc: dict[str, subprocess.Popen] = {}
+        self.ctx: ssl.SSLContext | None = None
+        self.needs_warmup: set[str] = set()  # restarted proxies, their key caches cold
+
+    # ---- setup
+
+    def pids(self, tier: str) -> list[int]:
+        if tier == "direct":
+            return []
+        p = self.proc[tier]
+        if tier in ("nginx", "haproxy"):
+            # The worker(s); the master only supervises (HAProxy runs master-worker, -W, so
+            # that W7 can reload it gracefully). Right after a reload an old worker may still
+            # be finishing its connections: it is counted too while it lives.
+            return children(p.pid)
+        return [p.pid]
+
+    def fixture_pids(self) -> list[int]:
+        return [self.proc["fixture"].pid]
+
+    def keygate_config(self, path: Path, proxy: int, admin: int, certgen: bool) -> None:
+        if certgen:
+            tls = f'dev_dir = "{self.certs}"'
+            upstream = ""
+        else:
+            tls = f'cert = "{self.certs}/server.pem"\nkey = "{self.certs}/server-key.pem"'
+            h2 = "true" if self.args.keygate_upstream == "h2" else "false"
+            upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
+        path.write_text(f"""# written by benches/compare.py
+[listen]
+proxy = "127.0.0.1:{proxy}"
+admin = "127.0.0.1:{admin}"
+
+[tls]
+{tls}
+
+[store]
+path = "{WORK}/kg/keygate.db"
+master_key_file = "{WORK}/kg/master.key"
+
+{upstream}
+[keys]
+cache_ttl = "1h"      # the run is <= 20 min: no mass expiry of the 10,000 warmed keys mid-run
+
+[limits]
+default = {{ per_second = 1000, burst = 2000 }}
+admin = {{ per_second = 100000, burst = 100000 }}
+
+[server]
+worker_threads = 1
+max_connections = 20000
+header_read_timeout = "60s"   # it also ends idle keep-alive connections: W6 holds them ~10 s
+
+[[route]]
+prefix = "/"
+upstream = "https://127.0.0.1:{self.ports.get('fixture', 1)}"
+inject = {{ ai_secret = "UP" }}
+""")
+
+    def setup(self) -> None:
+        if WORK.exists():
+            shutil.rmtree(WORK)
+        (WORK / "kg").mkdir(parents=True)
+        (WORK / "nginx-tmp").mkdir()
+        for name in ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy"):
+            self.ports[name] = free_port()
+
+        # Certificates: keygate writes its development CA and server certificate on start.
+        log("generating certificates (keygate serve with [tls] dev_dir)")
+        cfg0 = WORK / "certgen.toml"
+        self.keygate_config(cfg0, free_port(), free_port(), certgen=True)
+        lp = WORK / "certgen.log"
+        env = dict(os.environ, KEYGATE_LOG="warn")
+        p = self.procs.start("keygate (certgen)", [str(KEYGATE), "--config", str(cfg0), "serve"],
+                             None, lp, env=env)
+        wait_for_line(p, lp, "proxy listening on", 30, "keygate (certificate generation)")
+        self.procs.stop(p)
+        for f in ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem"):
+            if not (self.certs / f).exists():
+                raise RuntimeError(f"keygate did not write {self.certs / f}")
+        (WORK / "certkey.pem").write_text((self.certs / "server.pem").read_text()
+                                          + (self.certs / "server-key.pem").read_text())
+        self.ctx = tls_context(self.ca)
+
+        cfg = WORK / "keygate.toml"
+        self.keygate_config(cfg, self.ports["keygate"], self.ports["keygate_admin"], certgen=False)
+        kg = [str(KEYGATE), "--config", str(cfg)]
+        r = self.procs.run(kg + ["secrets", "put", "UP", "--type", "openai"], None, 30,
+                           stdin=f"{TOKEN}\n".encode(), env=env)
+        if r.returncode:
+            raise RuntimeError(f"secrets put failed: {r.stderr.decode(errors='replace')}")
+        r = self.procs.run(kg + ["keys", "create", "--name", "bench", "--count", str(N_KEYS)],
+                           None, 60, env=env)
+        self.keys = [k for k in r.stdout.decode().split("\n") if k.strip()]
+        if r.returncode or len(self.keys) != N_KEYS:
+            raise RuntimeError(f"keys create gave {len(self.keys)} keys: {r.stderr.decode(errors='replace')}")
+        r = self.procs.run(kg + ["keys", "create", "--name", "bench-h2", "--rate", "1000000",
+                                 "--burst", "1000000"], None, 30, env=env)
+        self.big_key = r.stdout.decode().strip()
+        if r.returncode or not self.big_key.startswith("sk-"):
+            raise RuntimeError(f"keys create (h2 key) failed: {r.stderr.decode(errors='replace')}")
+        (WORK / "keys.txt").write_text("\n".join(self.keys) + "\n")
+        all_keys = self.keys + [self.big_key]
+        (WORK / "keys.nginx").write_text("".join(f'"{k}" "{TOKEN}";\n' for k in all_keys))
+        (WORK / "keys.map").write_text("".join(f"{k} {TOKEN}\n" for k in all_keys))
+
+        subst = {
+            "WORK": str(WORK), "CERT": str(self.certs / "server.pem"),
+            "KEY": str(self.certs / "server-key.pem"), "CERTKEY": str(WORK / "certkey.pem"),
+            "CA": str(self.ca), "UPSTREAM_PORT": str(self.ports["fixture"]),
+            "BIG_KEY": self.big_key,
+        }
+        for tier, tmpl, out in (("nginx", "nginx.conf.tmpl", "nginx.conf"),
+                                ("haproxy", "haproxy.cfg.tmpl", "haproxy.cfg")):
+            text = (TEMPLATES / tmpl).read_text()
+            for k, v in dict(subst, PORT=str(self.ports[tier])).items():
+                text = text.replace("{{" + k + "}}", v)
+            left = re.findall(r"\{\{\w+\}\}", text)
+            if left:
+                raise RuntimeError(f"{tmpl}: unfilled placeholders {left}")
+            (WORK / out).write_text(text)
+
+        # The fixture on the load generator's core, the proxies on the other one.
+        self.proc["fixture"] = self.start_fixture(self.ports["fixture"], self.ports["fixture_plain"],
+                                                  "fixture")
+        self.port = {"direct": self.ports["fixture"], "keygate": self.ports["keygate"],
+                     "nginx": self.ports["nginx"], "haproxy": self.ports["haproxy"]}
+        for tier in self.names():
+            if tier != "direct":
+                if tier == "nginx":
+                    r = self.procs.run(self.nginx_argv() + ["-t"], None, 30)
+                    if r.returncode:
+                        raise RuntimeError(f"nginx -t: {r.stderr.decode(errors='replace')}")
+                if tier == "haproxy":
+                    r = self.procs.run([self.tools["haproxy"], "-c", "-f", str(WORK / "haproxy.cfg")],
+                                       None, 30)
+                    if r.returncode:
+                        raise RuntimeError(f"haproxy -c: {(r.stdout + r.stderr).decode(errors='replace')}")
+                self.start_proxy(tier)
+        self.check_tiers()
+
+    def start_fixture(self, tls_port: int, plain_port: int | None, name: str) -> subprocess.Popen:
+        lp = WORK / f"{name}.log"
+        argv = [str(FIXTURE), "--tls", f"127.0.0.1:{tls_port}", "--certs", str(self.certs),
+                "--threads", "1"]
+        if plain_port:
+            argv += ["--plain", f"127.0.0.1:{plain_port}"]
+        p = self.procs.start(name, argv, LOAD_CORE, lp)
+        wait_for_line(p, lp, "bench-upstream: ready", 15, name)
+        return p
+
+    def nginx_argv(self) -> list[str]:
+        return [self.tools["nginx"], "-e", str(WORK / "nginx-error.log"), "-p", str(WORK),
+                "-c", str(WORK / "nginx.conf")]
+
+    def haproxy_argv(self) -> list[str]:
+        return [self.tools["haproxy"], "-W", "-db", "-f", str(WORK / "haproxy.cfg")]
+
+    def start_proxy(self, tier: str) -> None:
+        lp = WORK / f"{tier}.log"
+        if tier == "keygate":
+            env = dict(os.environ, KEYGATE_LOG="warn")
+            p = self.procs.start("keygate", [str(KEYGATE), "--config", str(WORK / "keygate.toml"),
+                                             "serve"], PROXY_CORE, lp, env=env)
+            wait_for_line(p, lp, "proxy listening on", 30, "keygate")
+        else:
+            if tier == "nginx":
+                p = self.procs.start("nginx", self.nginx_argv() + ["-g", "daemon off;"],
+                                     PROXY_CORE, lp)
+            else:
+                # Master-worker mode (-W; -db keeps the master in the foreground, as the child
+                # of the harness): SIGUSR2 to the master reloads gracefully (W7). The worker
+                # does the work and is what pids() measures, as for nginx.
+                p = self.procs.start("haproxy", self.haproxy_argv(), PROXY_CORE, lp)
+            wait_for_port(p, self.ports[tier], 15, tier, lp)
+            for _ in range(100):  # the worker is forked after the listener opens
+                if children(p.pid):
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"{tier}: no worker process 5 s after its port opened; log {lp}")
+        self.proc[tier] = p
+
+    def fresh(self, tier: str):
+        """A freshly started process for the memory workloads (W2-slow, W6): an allocator that
+        kept the memory of earlier workloads would hide growth. Proxies are restarted (and
+        warmed again before the next round); the direct tier gets a second fixture instance,
+        stopped afterwards (the proxies keep pooled connections to the first one)."""
+        if self.args.no_restart:
+            return self.port[tier], None
+        if tier == "direct":
+            port = free_port()
+            return port, self.start_fixture(port, None, "fixture-fresh")
+        self.restart_proxy(tier)
+        return self.port[tier], None
+
+    def restart_proxy(self, tier: str) -> None:
+        old = self.proc.pop(tier)
+        self.procs.stop(old)
+        self.procs.forget(old)
+        self.start_proxy(tier)
+        self.needs_warmup.add(tier)
+
+    def names(self) -> list[str]:
+        """The tiers asked for that can run (nginx and HAProxy only when installed)."""
+        out = []
+        for t in self.args.tier_list:
+            if t in ("nginx", "haproxy") and not self.tools.get(t):
+                continue
+            out.append(t)
+        return out
+
+    def check_tiers(self) -> None:
+        """Before measuring: every tier answers 200, every proxy injects the token and strips
+        the key, and refuses an unknown key with 401."""
+        for tier in self.names():
+            port = self.port[tier]
+            status, body = http_get(port, self.ctx, "/whoami", self.keys[0])
+            text = body.decode(errors="replace")
+            if status != 200:
+                raise RuntimeError(f"{tier}: GET /whoami answered {status}: {text[:300]}")
+            if tier != "direct":
+                if f"authorization=Bearer {TOKEN}" not in text or "x-api-key=absent" not in text:
+                    raise RuntimeError(f"{tier}: the upstream saw {text!r}; expected the injected "
+                                       f"token and no x-api-key")
+                status, _ = http_get(port, self.ctx, "/", "sk-" + "0" * 48)
+                if status != 401:
+                    raise RuntimeError(f"{tier}: an unknown key got {status}, not 401")
+                status, _ = http_get(port, self.ctx, "/", self.big_key)
+                if status != 200:
+                    raise RuntimeError(f"{tier}: the h2 key got {status}")
+            log(f"{tier}: OK on 127.0.0.1:{port} (credential rewritten, unknown key 401)"
+                if tier != "direct" else f"direct: OK on 127.0.0.1:{port}")
+
+    def url(self, tier: str, path: str = "/") -> str:
+        return f"https://127.0.0.1:{self.port[tier]}{path}"
+
+    # ---- for the workloads that measure a fresh process (W2-slow, W6)
+
+    def fresh_target(self, tier: str) -> tuple[int, list[int], subprocess.Popen | None]:
+        """(port, pids to watch, extra fixture to stop) on a freshly started process, after one
+        request through it (pools, caches and lazy state set up)."""
+        port, extra = self.fresh(tier)
+        try:
+            pids = [extra.pid] if extra else (self.pids(tier) or self.fixture_pids())
+            status, body = http_get(port, self.ctx, "/", self.big_key)
+            if status != 200:
+                raise RuntimeError(f"first request after the restart: {status} {body[:200]!r}")
+            time.sleep(0.2)
+        except BaseException:
+            if extra:
+                self.procs.stop(extra)
+                self.procs.forget(extra)
+            raise
+        return port, pids, extra
+
+    def process_label(self, tier: str) -> str:
+        if self.args.no_restart:
+            return "fixture" if tier == "direct" else tier
+        return "a fresh fixture" if tier == "direct" else f"{tier} (restarted)"
+
+    # ---- reloads (W7)
+
+    def kg_readyz(self) -> dict:
+        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...}}."""
+        status, body = http_get(self.ports["keygate_admin"], self.ctx, "/readyz", None, timeout=3.0)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise RuntimeError(f"/readyz answered {status}: {body[:200]!r}") from None
+
+    def kg_generation(self) -> int:
+        return int(self.kg_readyz()["config"]["generation"])
+
+    def kg_config_state(self) -> tuple[int, str | None]:
+        """(config generation, the last reload's refusal or None), from /readyz."""
+        cfg = self.kg_readyz()["config"]
+        return int(cfg["generation"]), cfg.get("last_reload_error")
+
+    def kg_cli(self, args: list[str], timeout: float = 30) -> str:
+        """A keygate command on the bench config (on the harness's core, as the load generator)."""
+        env = dict(os.environ, KEYGATE_LOG="warn")
+        r = self.procs.run([str(KEYGATE), "--config", str(WORK / "keygate.toml")] + args, None,
+                           timeout, env=env)
+        if r.returncode:
+            raise RuntimeError(f"keygate {' '.join(args[:2])} exited {r.returncode}: "
+                               f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+        return r.stdout.decode(errors="replace")
+
+    def kg_reload(self, t0: float, state0: tuple[int, str | None]) -> dict:
+        """`keygate reload`, then wait (<= 10 s) for /readyz to show a newer generation (state0:
+        kg_config_state() before). ms: from t0 to the new generation seen; cli_ms: the
+        `keygate reload` command alone (it checks the file, then signals the server)."""
+        gen0, err0 = state0
+        self.kg_cli(["reload"])
+        cli_ms = round(1000 * (time.monotonic() - t0), 1)
+        deadline = time.monotonic() + 10
+        while True:
+            cfg = self.kg_readyz()["config"]
+            if cfg["generation"] > gen0:
+                if cfg.get("last_reload_error"):
+                    raise RuntimeError(f"reload error: {cfg['last_reload_error']}")
+                return {"ok": True, "generation": cfg["generation"],
+                        "ms": round(1000 * (time.monotonic() - t0), 1), "cli_ms": cli_ms,
+                        "needs_restart": cfg.get("needs_restart") or []}
+            if cfg.get("last_reload_error") and cfg["last_reload_error"] != err0:
+                raise RuntimeError(f"reload refused: {cfg['last_reload_error']}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"generation still {cfg['generation']} 10 s after `keygate "
+                                   f"reload` (last reload error: {cfg.get('last_reload_error')})")
+            time.sleep(0.05)
+
+    def reload_master(self, tier: str, t0: float) -> dict:
+        """nginx or HAProxy: the master's reload signal, then wait (<= 15 s) for a new worker
+        (HAProxy: and the master's "Loading success"). ms: from t0 to then."""
+        master = self.proc[tier].pid
+        before = set(children(master))
+        sig = signal.SIGHUP if tier == "nginx" else signal.SIGUSR2
+        # HAProxy's master re-executes itself on SIGUSR2, and a SIGUSR2 that arrives before
+        # the new master has finished loading is lost: a reload is done when the master logs
+        # "Loading success." (a new worker is forked a little before that).
+        lp = WORK / f"{tier}.log"
+        off = lp.stat().st_size if lp.exists() else 0
+        os.kill(master, sig)
+        deadline = time.monotonic() + 15
+        while True:
+            new = set(children(master)) - before
+            loaded = True
+            if tier == "haproxy":
+                with open(lp, "rb") as f:
+                    f.seek(off)
+                    text = f.read().decode(errors="replace")
+                if "Loading failure" in text:
+                    raise RuntimeError(f"HAProxy: {text.strip()[-300:]}")
+                loaded = "Loading success" in text
+            if new and loaded:
+                return {"ok": True, "kind": f"{signal.Signals(sig).name} to the master",
+                        "ms": round(1000 * (time.monotonic() - t0), 1),
+                        "old_workers": sorted(before), "new_workers": sorted(new)}
+            if self.proc[tier].poll() is not None:
+                raise RuntimeError(f"the {tier} master exited ({self.proc[tier].returncode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tier}: no new worker (or not loaded) 15 s after "
+                                   f"{signal.Signals(sig).name}")
+            time.sleep(0.02)
+
+    # ---- between runs
+
+    def check_alive(self, when: str) -> None:
+        """A proxy that has exited is noted and started again; a dead fixture ends the run."""
+        for name, p in list(self.proc.items()):
+            if p.poll() is None:
+                continue
+            tail = (WORK / f"{name}.log").read_text(errors="replace")[-600:] \
+                if (WORK / f"{name}.log").exists() else ""
+            if name == "fixture":
+                raise RuntimeError(f"the fixture died (exit {p.returncode}) {when}: {tail}")
+            self.note(f"{name} had exited (code {p.returncode}) {when}; restarted it. Log tail: {tail!r}")
+            self.procs.forget(p)
+            self.start_proxy(name)
+            self.needs_warmup.add(name)
