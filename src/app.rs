@@ -131,13 +131,20 @@ impl AppState {
                 let writer = self.credentials_writer.clone().lock_owned().await;
                 let (store, tenant, fresh) =
                     (self.store.clone(), self.tenant.clone(), live.clone());
-                blocking(move || write_credentials(&writer, store.as_ref(), &tenant, &fresh))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .map(|()| {
-                        self.live.store(live.clone());
-                        (live, needs_restart)
-                    })
+                // The guard comes back out of the blocking task and is dropped only after the
+                // swap: released earlier, a refresh could land on the old snapshot in between
+                // and the swap would install credentials older than it (the race of issue 12,
+                // caught by `a_reload_racing_a_secret_write_never_keeps_the_stale_secret`).
+                blocking(move || {
+                    write_credentials(&writer, store.as_ref(), &tenant, &fresh).map(|()| writer)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .map(|writer| {
+                    self.live.store(live.clone());
+                    drop(writer);
+                    (live, needs_restart)
+                })
             }
             Err(e) => Err(e),
         };

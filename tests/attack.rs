@@ -1927,7 +1927,12 @@ async fn a_reload_racing_a_secret_write_never_keeps_the_stale_secret() {
         let reload_done = reloading.is_finished();
         reloading.await.unwrap().expect("the reload applies");
         // The poller has had time to see the last write: a request must inject it.
-        let deadline = Instant::now() + Duration::from_secs(3);
+        // The poller takes the writes in once the reload has released the credentials lock,
+        // and its refresh reads every route again (as long as the reload's own read): allow
+        // that twice over, at least 3 s. A stale credential stays until the next write, so
+        // a longer wait only costs time on a failure.
+        let settle = (creds * 4).max(Duration::from_secs(3));
+        let deadline = Instant::now() + settle;
         let mut fresh = false;
         while Instant::now() < deadline {
             let (s, _, _) = send(&client, get(&kg.url("/r0/x"), &[("x-api-key", &kg.key)])).await;
@@ -1956,7 +1961,7 @@ async fn a_reload_racing_a_secret_write_never_keeps_the_stale_secret() {
                     format!("write {} of 3", j + 1)
                 });
             stale_rounds.push(format!(
-                "round {rounds} (writes {offset:?} into the reload): 3 s after the reload, route \
+                "round {rounds} (writes {offset:?} into the reload): {settle:?} after the reload, route \
                  r0 still injects {which}, not the last value written"
             ));
         }
