@@ -60,14 +60,14 @@ struct InFlight<'a>(&'a AppState);
 
 impl<'a> InFlight<'a> {
     fn enter(state: &'a AppState) -> Self {
-        state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.metrics.in_flight.inc();
         InFlight(state)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.dec();
     }
 }
 
@@ -76,7 +76,7 @@ struct ConnGauge(Arc<AppState>, usize);
 
 impl Drop for ConnGauge {
     fn drop(&mut self) {
-        self.0.metrics.connections[self.1].fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections[self.1].dec();
     }
 }
 
@@ -166,7 +166,7 @@ pub async fn accept_loop(
                 _permit: permit,
                 _gauge: {
                     let i = plane as usize;
-                    state.metrics.connections[i].fetch_add(1, Ordering::Relaxed);
+                    state.metrics.connections[i].inc();
                     ConnGauge(state.clone(), i)
                 },
             },
@@ -225,18 +225,12 @@ impl Conn {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                self.state
-                    .metrics
-                    .tls_handshake_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.state.metrics.tls_handshake_failures.inc();
                 return;
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
-                self.state
-                    .metrics
-                    .tls_handshake_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.state.metrics.tls_handshake_failures.inc();
                 return;
             }
         };
@@ -570,10 +564,7 @@ async fn answer_cleartext(
     })
     .await;
     let _ = read;
-    state
-        .metrics
-        .cleartext_attempts
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.cleartext_attempts.inc();
     tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
     if let Some(key) = key_in_head(&head) {
         state.cleartext_key_seen(&key, peer.ip()).await;
