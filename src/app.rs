@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -162,10 +161,7 @@ impl AppState {
                     tracing::warn!(field, "changed in the config file; applies after a restart");
                 }
                 tracing::info!(generation, routes, "config reloaded");
-                self.plane
-                    .metrics
-                    .reloads_ok
-                    .fetch_add(1, Ordering::Relaxed);
+                self.plane.metrics.reloads_ok.inc();
                 *status = ReloadStatus {
                     generation,
                     attempted_at: status.attempted_at,
@@ -176,10 +172,7 @@ impl AppState {
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload refused; the running config stays");
-                self.plane
-                    .metrics
-                    .reloads_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.plane.metrics.reloads_failed.inc();
                 status.error = Some(e.clone());
                 Err(e)
             }
@@ -260,10 +253,7 @@ impl AppState {
                 }
             }
         };
-        self.plane
-            .metrics
-            .exposed_keys_flagged
-            .fetch_add(1, Ordering::Relaxed);
+        self.plane.metrics.exposed_keys_flagged.inc();
         let revoke = self.live().config.keys.on_cleartext == OnCleartext::Revoke;
         let store = self.store.clone();
         let id = principal.key_id();

@@ -85,14 +85,14 @@ struct InFlight<'a>(&'a Metrics);
 
 impl<'a> InFlight<'a> {
     fn enter(metrics: &'a Metrics) -> Self {
-        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics.in_flight.inc();
         InFlight(metrics)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.dec();
     }
 }
 
@@ -101,7 +101,7 @@ struct ConnGauge<A: Serve>(A);
 
 impl<A: Serve> Drop for ConnGauge<A> {
     fn drop(&mut self) {
-        self.0.metrics().connections[self.0.plane() as usize].fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics().connections[self.0.plane() as usize].dec();
     }
 }
 
@@ -183,7 +183,7 @@ pub async fn accept_loop<A: Serve>(
             drop(tcp);
             continue;
         };
-        app.metrics().connections[plane as usize].fetch_add(1, Ordering::Relaxed);
+        app.metrics().connections[plane as usize].inc();
         let conn = Conn {
             app: app.clone(),
             shutdown: shutdown.clone(),
@@ -237,18 +237,12 @@ impl<A: Serve> Conn<A> {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                self.app
-                    .metrics()
-                    .tls_handshake_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.app.metrics().tls_handshake_failures.inc();
                 return;
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
-                self.app
-                    .metrics()
-                    .tls_handshake_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.app.metrics().tls_handshake_failures.inc();
                 return;
             }
         };
@@ -546,9 +540,7 @@ async fn answer_cleartext<A: Serve>(
     })
     .await;
     let _ = read;
-    app.metrics()
-        .cleartext_attempts
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    app.metrics().cleartext_attempts.inc();
     tracing::warn!(%peer, ?plane, "cleartext HTTP request on a TLS port refused");
     if let Some(key) = key_in_head(&head) {
         app.cleartext_key(key, peer.ip()).await;

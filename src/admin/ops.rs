@@ -57,7 +57,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
     json_response(status, Bytes::from(body.to_string()))
 }
 
-/// The Prometheus text exposition.
+/// The Prometheus text exposition (format 0.0.4, written by `prometheus-client`).
 pub fn metrics(state: &AppState) -> Response<Body> {
     let live = state.live();
     let (hits, misses) = state.plane.keys.stats();
@@ -72,7 +72,7 @@ pub fn metrics(state: &AppState) -> Response<Body> {
     let mut res = Response::new(Body::Right(http_body_util::Full::new(Bytes::from(text))));
     res.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     res
 }

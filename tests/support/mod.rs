@@ -513,7 +513,7 @@ impl Keygate {
 
     /// Open connections on the proxy listener (the `keygate_connections` gauge).
     pub fn proxy_connections(&self) -> i64 {
-        self.state().plane.metrics.connections[0].load(Ordering::SeqCst)
+        self.state().plane.metrics.connections[0].get()
     }
 
     /// The store, opened as the CLI would (a second connection).
