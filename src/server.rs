@@ -408,10 +408,16 @@ async fn drive<C: GracefulConnection<Error = hyper::Error> + ?Sized, A: Serve>(
     }
     drop(conn);
     if let Some(returned) = returned {
-        if let Ok(stream) = returned.await {
-            if !*shutdown.borrow() {
-                lingering_close(stream).await;
-            }
+        if !*shutdown.borrow() {
+            // Boxed: this future lives as long as the connection, and inline the lingering
+            // phase (the TLS stream and a read buffer) would be memory held by every idle
+            // connection (W6 measured 26.9 KiB per idle connection with it inline, not 16).
+            Box::pin(async move {
+                if let Ok(stream) = returned.await {
+                    lingering_close(stream).await;
+                }
+            })
+            .await;
         }
     }
 }
