@@ -373,7 +373,7 @@ async fn drive<C: GracefulConnection<Error = hyper::Error> + ?Sized, A: Serve>(
     idle: Idle,
     peer: SocketAddr,
     _permit: ConnSlot<A>,
-    returned: Option<tokio::sync::oneshot::Receiver<TlsStream<TcpStream>>>,
+    returned: Option<tokio::sync::oneshot::Receiver<Box<TlsStream<TcpStream>>>>,
 ) {
     // Re-armed rather than reset per request: it wakes at most once per idle period, and on
     // waking it looks at when the last request ended.
@@ -429,7 +429,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// read and discard what the client still sends, for a bounded time. Closing a socket with
 /// unread data makes the kernel send a reset, which can destroy an answer (a 431 to a client
 /// still writing its 64 KiB header) before the client has read it.
-async fn lingering_close(mut stream: TlsStream<TcpStream>) {
+async fn lingering_close(mut stream: Box<TlsStream<TcpStream>>) {
     const TOTAL: Duration = Duration::from_secs(2);
     const QUIET: Duration = Duration::from_millis(500);
     const MAX_DISCARD: usize = 1 << 20;
@@ -451,13 +451,15 @@ async fn lingering_close(mut stream: TlsStream<TcpStream>) {
 /// the connection can still be closed with a lingering close.
 struct Handback {
     io: Option<TlsStream<TcpStream>>,
-    back: Option<tokio::sync::oneshot::Sender<TlsStream<TcpStream>>>,
+    /// Carries a box: the channel's shared slot is sized for what it carries, and lives as long
+    /// as the connection (a TLS stream inline there is over a KiB per idle connection).
+    back: Option<tokio::sync::oneshot::Sender<Box<TlsStream<TcpStream>>>>,
 }
 
 impl Handback {
     fn new(
         io: TlsStream<TcpStream>,
-        back: tokio::sync::oneshot::Sender<TlsStream<TcpStream>>,
+        back: tokio::sync::oneshot::Sender<Box<TlsStream<TcpStream>>>,
     ) -> Self {
         Handback {
             io: Some(io),
@@ -480,7 +482,7 @@ impl Handback {
 impl Drop for Handback {
     fn drop(&mut self) {
         if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
-            let _ = back.send(io);
+            let _ = back.send(Box::new(io));
         }
     }
 }
