@@ -207,21 +207,18 @@ pub fn secrets_table(secrets: &[AiSecretRecord]) -> String {
 /// `s` with control characters escaped: a stored name (from an older version, or written
 /// around the checks) cannot move the cursor or rewrite a terminal line.
 fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        s.chars()
-            .flat_map(|c| {
-                let escaped: Vec<char> = if c.is_control() {
-                    c.escape_default().collect()
-                } else {
-                    vec![c]
-                };
-                escaped
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        s.into()
+    if !s.chars().any(char::is_control) {
+        return s.into();
     }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 #[cfg(test)]

@@ -97,8 +97,8 @@ pub struct AppState {
     /// Held by whoever writes credentials into the live config: a refresh (poller, admin
     /// write) and a reload's read-then-swap. Without it a reload could read the credentials,
     /// lose the race to a secret write whose refresh lands on the old config, and then swap in
-    /// its stale copy. Async code locks it with `lock().await`, blocking code with
-    /// `blocking_lock()`.
+    /// its stale copy. Taken owned (`lock_owned`, `blocking_lock_owned`) so that the guard can
+    /// go into a blocking task and be handed to `write_credentials`.
     credentials_writer: Arc<tokio::sync::Mutex<()>>,
     pub reload_status: std::sync::Mutex<ReloadStatus>,
     /// The default org and user: routes take their secrets from this org.
@@ -219,14 +219,9 @@ impl AppState {
         Ok(())
     }
 
-    /// After a secret or env var write: rebuild the routes' credentials (and templated
-    /// headers) now, not at the next poll.
-    pub fn secrets_changed(&self) -> Result<(), StoreError> {
-        self.refresh_credentials()
-    }
-
-    /// Re-reads the credentials of the live config from the store. Blocking: call it from a
-    /// blocking task.
+    /// Re-reads the credentials of the live config from the store: by the poller when the
+    /// secrets or env vars revision moved, and after an admin write so that the next request
+    /// uses it. Blocking: call it from a blocking task.
     pub fn refresh_credentials(&self) -> Result<(), StoreError> {
         let writer = self.credentials_writer.clone().blocking_lock_owned();
         write_credentials(&writer, self.store.as_ref(), &self.tenant, &self.live())
@@ -442,24 +437,14 @@ pub async fn start(
         let store = store.clone();
         blocking(move || store.tenant()).await?
     };
-    let credentials = {
-        let store = store.clone();
-        let routes = config.routes.clone();
-        let tenant = tenant.clone();
-        blocking(move || {
-            let c = Credentials::new(routes.len());
-            c.refresh(store.as_ref(), &tenant, &routes).map(|()| c)
-        })
-        .await?
-    };
-
     let (proxy, proxy_addr) = bind(config.listen.proxy).await?;
     let (admin, admin_addr) = bind(config.listen.admin).await?;
 
     let state = Arc::new(AppState {
         live: ArcSwap::from_pointee(Live {
             routes: RouteTable::new(&config.routes),
-            credentials,
+            // Filled below, through the one writer, before any listener runs.
+            credentials: Credentials::new(config.routes.len()),
             limits: Limiters::new(&config.limits, &config.routes),
             upstream: Arc::new(upstream),
             upstream_ca: read_ca(&config),
@@ -480,6 +465,11 @@ pub async fn start(
             metrics: Arc::new(Metrics::default()),
         },
     });
+
+    {
+        let state = state.clone();
+        blocking(move || state.refresh_credentials()).await?;
+    }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();

@@ -56,11 +56,6 @@ impl Location {
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         Location(Some((line, column)))
     }
-
-    /// The 1-based line and column.
-    pub fn line_column(self) -> Option<(usize, usize)> {
-        self.0
-    }
 }
 
 impl std::fmt::Display for Location {
@@ -892,15 +887,6 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     })
 }
 
-fn header_name(
-    c: &Check<'_>,
-    field: &str,
-    name: &str,
-    rule: fn(&str) -> Result<http::HeaderName, String>,
-) -> Result<http::HeaderName, ConfigError> {
-    rule(name).map_err(|why| c.err(field, why))
-}
-
 fn validate_inject(
     c: &Check<'_>,
     i: usize,
@@ -956,12 +942,10 @@ fn validate_inject(
             };
             let header = match t.remove("header") {
                 None => None,
-                Some(toml::Value::String(h)) => Some(header_name(
-                    c,
-                    &format!("{field}.header"),
-                    &h,
-                    crate::proxy::headers::credential_name,
-                )?),
+                Some(toml::Value::String(h)) => Some(
+                    crate::proxy::headers::credential_name(&h)
+                        .map_err(|why| c.err(format!("{field}.header"), why))?,
+                ),
                 Some(_) => return Err(c.err(format!("{field}.header"), "must be a header name")),
             };
             let prefix = match t.remove("prefix") {
@@ -1067,7 +1051,7 @@ fn validate_route(c: &Check<'_>, i: usize, r: RawRoute) -> Result<Route, ConfigE
     let mut set_headers = Vec::with_capacity(r.set_headers.len());
     for (k, v) in r.set_headers {
         let f = format!("route[{i}].set_headers.{k}");
-        let h = header_name(c, &f, &k, crate::proxy::headers::added_name)?;
+        let h = crate::proxy::headers::added_name(&k).map_err(|why| c.err(&f, why))?;
         let t = Template::parse(&v).map_err(|reason| c.err(&f, reason))?;
         set_headers.push((h, t));
     }

@@ -146,35 +146,39 @@ impl KeyCache {
     /// the key, only that answering would take a store read.
     pub fn cached(&self, key: &str) -> Option<Principal> {
         let now = self.now_ms();
-        if now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) > self.staleness_bound_ms
-            || !is_well_formed_key(key)
-        {
+        if self.stale(now) || !is_well_formed_key(key) {
             return None;
         }
-        let slot = self.slots.get(&self.slot_id(key))?;
+        self.fresh(self.slot_id(key), now).flatten()
+    }
+
+    /// Whether the store has gone unread for longer than the staleness bound.
+    fn stale(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) > self.staleness_bound_ms
+    }
+
+    /// The cached answer of slot `id` when it is fresh (read at the current revision, not
+    /// expired): `Some(None)` for a key known to be unknown.
+    fn fresh(&self, id: u128, now: u64) -> Option<Option<Principal>> {
+        let slot = self.slots.get(&id)?;
         (at_least(slot.revision, self.current.load(Ordering::Acquire))
             && u64::from(slot.expires_s) * 1000 > now)
             .then(|| slot.principal())
-            .flatten()
     }
 
     /// The principal of `key`, or `None` for any key that is not valid now.
     pub async fn authenticate(&self, key: &str) -> Result<Option<Principal>, LookupError> {
         let now = self.now_ms();
-        if now.saturating_sub(self.last_sync_ms.load(Ordering::Acquire)) > self.staleness_bound_ms {
+        if self.stale(now) {
             return Err(LookupError::Stale);
         }
         if !is_well_formed_key(key) {
             return Ok(None);
         }
         let id = self.slot_id(key);
-        if let Some(slot) = self.slots.get(&id) {
-            if at_least(slot.revision, self.current.load(Ordering::Acquire))
-                && u64::from(slot.expires_s) * 1000 > now
-            {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(slot.principal());
-            }
+        if let Some(answer) = self.fresh(id, now) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         // A miss: one store read per digest, however many requests wait for it. A read that

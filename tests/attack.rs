@@ -32,51 +32,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // Set-up helpers
 // ---------------------------------------------------------------------------------------------
 
-/// keygate with `routes_toml` (raw `[[route]]` tables, after `extra`), `secrets` stored before
-/// it starts (so every route has its credential from the first request), and a proxy key.
-async fn start_custom(
-    ca: &TestCa,
-    extra: &str,
-    routes_toml: &str,
-    secrets: &[(&str, &str)],
-) -> Keygate {
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!("{}{routes_toml}", config_text(ca, dir.path(), &[], extra));
-    let config_path = dir.path().join("keygate.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let mut config = Config::parse(&text, &config_path.display().to_string())
-        .unwrap_or_else(|e| panic!("keygate refused the test config: {e}"));
-    config.source = Some(config_path.clone());
-    let (key, key_id) = {
-        let (master, store) = keygate::app::open_store(&config, None).unwrap();
-        for (name, value) in secrets {
-            put_secret(store.as_ref(), name, value);
-        }
-        let t = store.tenant().unwrap();
-        let (k, rec) = issue_key(
-            store.as_ref(),
-            &master,
-            (&t.org_id, &t.user_id),
-            "test",
-            KeyOptions::role(Role::Proxy),
-        )
-        .unwrap();
-        (k.expose().to_owned(), rec.id)
-    };
-    let running = keygate::app::start(config, None)
-        .await
-        .expect("keygate starts");
-    Keygate {
-        proxy: running.proxy_addr,
-        admin: running.admin_addr,
-        running: Some(running),
-        dir,
-        config_path,
-        key,
-        key_id,
-    }
-}
-
 /// Every limit out of the way, the admin API's too (NO_LIMITS leaves it at 20/s, burst 40):
 /// for tests that make many calls and are not about quotas.
 fn no_limits_at_all() -> String {
@@ -460,7 +415,7 @@ async fn chat_and_files(extra: &str) -> (TestCa, FakeUpstream, Keygate, String) 
     let routes = route_toml("chat", "/v1/chat", &up.url(), "CHAT", "")
         + &route_toml("files", "/v1/files", &up.url(), "FILES", "");
     let extra = format!("{NO_LIMITS}{extra}");
-    let kg = start_custom(
+    let kg = Keygate::start_toml(
         &ca,
         &extra,
         &routes,
@@ -679,7 +634,7 @@ async fn strip_prefix_routes_are_chosen_on_the_normalised_path() {
     let up_b = FakeUpstream::start(&ca).await;
     let routes = route_toml("A", "/a", &up_a.url(), "SA", "strip_prefix = true\n")
         + &route_toml("B", "/b", &up_b.url(), "SB", "strip_prefix = true\n");
-    let kg = start_custom(
+    let kg = Keygate::start_toml(
         &ca,
         NO_LIMITS,
         &routes,
@@ -1542,7 +1497,7 @@ async fn keygate_keys_are_never_forwarded_on_a_passthrough_route() {
         route_toml("chat", "/chat", &up.url(), "K", ""),
         u = up.url()
     );
-    let kg = start_custom(&ca, NO_LIMITS, &routes, &[("K", UPSTREAM_SECRET)]).await;
+    let kg = Keygate::start_toml(&ca, NO_LIMITS, &routes, &[("K", UPSTREAM_SECRET)]).await;
     let chat_key = limited_key(&kg, Role::Proxy, &["chat"]);
     let client = ca.client(false);
     // Controls: the passthrough route works with the upstream's own key, and the limited key
@@ -1845,7 +1800,7 @@ async fn a_reload_racing_a_secret_write_never_keeps_the_stale_secret() {
         ));
     }
     let initial = race_value("initial");
-    let kg = start_custom(
+    let kg = Keygate::start_toml(
         &ca,
         &format!("{NO_LIMITS}[keys]\npoll_interval = \"{RACE_POLL}\"\n"),
         &routes,

@@ -133,7 +133,7 @@ pub(crate) const NAME_PARAM: &str = "ai_secret_name";
 
 fn delete(s: &AppState, org: &str, r: SecretRef<'_>) -> Result<Option<AiSecretRecord>, StoreError> {
     let rec = s.store.delete_ai_secret(org, r)?;
-    s.secrets_changed()?;
+    s.refresh_credentials()?;
     Ok(rec)
 }
 
@@ -196,7 +196,7 @@ async fn write(
     let rec = ctx
         .store(move |s| {
             let rec = s.store.write_ai_secret(&org, w, mode)?;
-            s.secrets_changed()?;
+            s.refresh_credentials()?;
             Ok(rec)
         })
         .await?;
@@ -228,7 +228,7 @@ async fn patch(
     };
     let patch = move |s: &AppState, org: &str, id: &str| {
         let rec = s.store.patch_ai_secret(org, id, p)?;
-        s.secrets_changed()?;
+        s.refresh_credentials()?;
         Ok(rec)
     };
     ctx.by_id("ai_secret", id, patch, to_json).await

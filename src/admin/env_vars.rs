@@ -75,7 +75,7 @@ pub async fn handle(
             check_value(&b.value)?;
             let patch = move |s: &AppState, org: &str, id: &str| {
                 let rec = s.store.patch_env_var(org, id, &b.name, b.value)?;
-                s.secrets_changed()?;
+                s.refresh_credentials()?;
                 Ok(rec)
             };
             ctx.by_id("env_var", id, patch, to_json).await
@@ -83,7 +83,7 @@ pub async fn handle(
         (Method::DELETE, Some(id)) => {
             let delete = |s: &AppState, org: &str, id: &str| {
                 let rec = s.store.delete_env_var(org, id)?;
-                s.secrets_changed()?;
+                s.refresh_credentials()?;
                 Ok(rec)
             };
             ctx.by_id("env_var", id, delete, to_json).await
@@ -165,7 +165,7 @@ async fn write(
     let rec = ctx
         .store(move |s| {
             let rec = s.store.write_env_var(&org, w, mode)?;
-            s.secrets_changed()?;
+            s.refresh_credentials()?;
             Ok(rec)
         })
         .await?;

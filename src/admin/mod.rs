@@ -88,11 +88,7 @@ impl Ctx {
         &self,
         f: impl FnOnce(&AppState) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(&state))
-            .await
-            .map_err(|e| AdminError::Internal(format!("store task failed: {e}")))?
-            .map_err(AdminError::from)
+        self.blocking(f).await
     }
 
     /// Runs a shared action ([`crate::actions`]) off the async threads.
@@ -100,10 +96,18 @@ impl Ctx {
         &self,
         f: impl FnOnce(&AppState) -> Result<T, crate::actions::ActionError> + Send + 'static,
     ) -> Result<T, AdminError> {
+        self.blocking(f).await
+    }
+
+    async fn blocking<T: Send + 'static, E: Into<AdminError> + Send + 'static>(
+        &self,
+        f: impl FnOnce(&AppState) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, AdminError> {
         let state = self.state.clone();
-        Ok(tokio::task::spawn_blocking(move || f(&state))
+        tokio::task::spawn_blocking(move || f(&state))
             .await
-            .map_err(|e| AdminError::Internal(format!("store task failed: {e}")))??)
+            .map_err(|e| AdminError::Internal(format!("store task failed: {e}")))?
+            .map_err(Into::into)
     }
 
     /// Runs `f(state, org_id, id)` for the caller's org and answers with the object it returns

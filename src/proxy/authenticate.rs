@@ -16,8 +16,7 @@ use super::forward::Upstream;
 use super::limit::Limiters;
 use super::passthrough::PassthroughCache;
 use crate::config::{Inject, Route};
-use crate::crypto::is_well_formed_key;
-use crate::crypto::MasterKey;
+use crate::crypto::{is_well_formed_key, MasterKey};
 use crate::error::ProxyError;
 use crate::keycache::{KeyCache, LookupError};
 use crate::store::Principal;
@@ -116,20 +115,10 @@ async fn check(
     let key = presented_key(headers).ok_or(ProxyError::Unauthorized)?;
     if let Inject::Passthrough(validate) = &route.inject {
         // A key keygate issued never leaves keygate, whatever its route permissions say.
-        if is_well_formed_key(key) {
-            match v.keys.authenticate(key).await {
-                Ok(None) => {}
-                Ok(Some(_)) => {
-                    return Err(ProxyError::Forbidden {
-                        route: route.name.to_string(),
-                    })
-                }
-                Err(LookupError::Stale) => return Err(ProxyError::StoreUnavailable),
-                Err(LookupError::Store(e)) => {
-                    tracing::error!(error = %e, "key lookup failed");
-                    return Err(ProxyError::StoreUnavailable);
-                }
-            }
+        if is_well_formed_key(key) && lookup(v.keys, key).await?.is_some() {
+            return Err(ProxyError::Forbidden {
+                route: route.name.to_string(),
+            });
         }
         let (bearer, uid) = v
             .passthrough
@@ -137,21 +126,25 @@ async fn check(
             .await?;
         return Ok(Grant::Passthrough { bearer, uid });
     }
-    let principal = match v.keys.authenticate(key).await {
-        Ok(Some(p)) => p,
-        Ok(None) => return Err(ProxyError::Unauthorized),
-        Err(LookupError::Stale) => return Err(ProxyError::StoreUnavailable),
-        Err(LookupError::Store(e)) => {
-            tracing::error!(error = %e, "key lookup failed");
-            return Err(ProxyError::StoreUnavailable);
-        }
-    };
+    let principal = lookup(v.keys, key).await?.ok_or(ProxyError::Unauthorized)?;
     if !principal.may_use(&route.name) {
         return Err(ProxyError::Forbidden {
             route: route.name.to_string(),
         });
     }
     Ok(Grant::Key(principal))
+}
+
+/// The key cache's answer on `key`; a store that cannot answer fails closed (503).
+async fn lookup(keys: &KeyCache, key: &str) -> Result<Option<Principal>, ProxyError> {
+    match keys.authenticate(key).await {
+        Ok(found) => Ok(found),
+        Err(LookupError::Stale) => Err(ProxyError::StoreUnavailable),
+        Err(LookupError::Store(e)) => {
+            tracing::error!(error = %e, "key lookup failed");
+            Err(ProxyError::StoreUnavailable)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -168,8 +168,8 @@ pub struct IdleGuard<B> {
     inner: B,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// What the route injected (for the reflection guard on trailers) and the route's name.
-    injected: Option<(Arc<Resolved>, Arc<str>)>,
+    /// What the route injected, for the reflection guard on trailers.
+    injected: Option<Arc<Resolved>>,
 }
 
 impl<B> IdleGuard<B> {
@@ -182,9 +182,9 @@ impl<B> IdleGuard<B> {
         }
     }
 
-    /// Drops trailers that echo the secret `injected` carries, on route `route`.
-    pub fn guarding(mut self, injected: Arc<Resolved>, route: Arc<str>) -> Self {
-        self.injected = Some((injected, route));
+    /// Drops trailers that echo the secret `injected` carries.
+    pub fn guarding(mut self, injected: Arc<Resolved>) -> Self {
+        self.injected = Some(injected);
         self
     }
 }
@@ -208,8 +208,8 @@ where
                 match f.into_trailers() {
                     Ok(mut trailers) => {
                         let (secret, route) = match &self.injected {
-                            Some((r, name)) => {
-                                (r.secret.as_ref().map(|s| s.expose().as_bytes()), &**name)
+                            Some(r) => {
+                                (r.secret.as_ref().map(|s| s.expose().as_bytes()), &*r.route)
                             }
                             None => (None, ""),
                         };

@@ -43,6 +43,8 @@ pub struct Resolved {
     pub strip: Option<HeaderName>,
     /// The injected secret, so that an upstream echoing it can be caught.
     pub secret: Option<Secret>,
+    /// The route's name, for the log line when an echo is caught.
+    pub route: Arc<str>,
 }
 
 /// One route's state.
@@ -134,7 +136,10 @@ fn resolve(
     env: &HashMap<String, Secret>,
     route: &Route,
 ) -> Result<Result<Resolved, String>, StoreError> {
-    let mut r = Resolved::default();
+    let mut r = Resolved {
+        route: route.name.clone(),
+        ..Resolved::default()
+    };
     if let Inject::AiSecret {
         name,
         header,

@@ -149,7 +149,7 @@ pub async fn forward(
         );
     }
     parts.version = Version::HTTP_11;
-    let body = IdleGuard::new(body, up.body_idle_timeout).guarding(injected, route.name.clone());
+    let body = IdleGuard::new(body, up.body_idle_timeout).guarding(injected);
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 

@@ -32,22 +32,15 @@ pub const CLIENT_CREDENTIALS: [HeaderName; 4] = [
     HeaderName::from_static("api-key"),
 ];
 
-/// Names that frame or route a message, or that only the connection's hop may send: nothing
-/// keygate adds may carry them (a `content-length` would truncate the body, a `host` would
-/// re-route it, `expect` would stall it).
-const FRAMING: [&str; 12] = [
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "content-length",
-    "expect",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// Besides the hop-by-hop ones, the names that frame or route a message: nothing keygate adds
+/// may carry them (a `content-length` would truncate the body, a `host` would re-route it,
+/// `expect` would stall it).
+const FRAMING: [HeaderName; 5] = [
+    header::HOST,
+    header::TE,
+    header::TRAILER,
+    header::CONTENT_LENGTH,
+    header::EXPECT,
 ];
 
 /// Fields a trailer must not carry (RFC 9110 §6.5.1: framing, routing, request modifiers,
@@ -75,16 +68,20 @@ const NOT_IN_TRAILERS: [HeaderName; 20] = [
     header::LOCATION,
 ];
 
-/// Removes hop-by-hop headers and the headers `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+/// The header names listed in every `list` field (`Connection`, `Trailer`): by bytes, not
+/// `to_str`, so that a value with a non-ASCII byte cannot hide the names in it.
+fn named_in(headers: &HeaderMap, list: HeaderName) -> Vec<HeaderName> {
+    headers
+        .get_all(list)
         .iter()
-        // By bytes, not `to_str`: a value with a non-ASCII byte must not hide the names in it.
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in named {
+        .collect()
+}
+
+/// Removes hop-by-hop headers and the headers `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in named_in(headers, header::CONNECTION) {
         headers.remove(name);
     }
     for name in &HOP_BY_HOP {
@@ -118,11 +115,8 @@ pub fn prune_trailer_declaration(headers: &mut HeaderMap, route_header: Option<&
     if !headers.contains_key(header::TRAILER) {
         return;
     }
-    let kept: Vec<HeaderName> = headers
-        .get_all(header::TRAILER)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+    let kept: Vec<HeaderName> = named_in(headers, header::TRAILER)
+        .into_iter()
         .filter(|n| {
             !HOP_BY_HOP.contains(n)
                 && !CLIENT_CREDENTIALS.contains(n)
@@ -202,7 +196,7 @@ pub fn added_value(value: &str) -> Result<HeaderValue, &'static str> {
 pub fn credential_name(name: &str) -> Result<HeaderName, String> {
     let h = HeaderName::from_bytes(name.trim().as_bytes())
         .map_err(|_| format!("{name:?} is not a valid header name"))?;
-    if FRAMING.contains(&h.as_str()) {
+    if HOP_BY_HOP.contains(&h) || FRAMING.contains(&h) {
         return Err(format!(
             "{name:?} is a framing or hop-by-hop header and cannot be set"
         ));

@@ -47,8 +47,7 @@ pub fn normalize(path: &str, allow_encoded_slashes: bool) -> Result<Option<Strin
         let last = segments.peek().is_none();
         let seg = decode_segment(raw, allow_encoded_slashes)?;
         match seg.as_str() {
-            "" => trailing_slash = last,
-            "." => trailing_slash = last,
+            "" | "." => trailing_slash = last,
             ".." => {
                 if out.pop().is_none() {
                     return Err(PathError::AboveRoot);
@@ -104,8 +103,7 @@ fn decode_segment(raw: &str, allow_encoded_slashes: bool) -> Result<String, Path
                 } else if matches!(byte, b'/' | b'\\') && !allow_encoded_slashes {
                     return Err(PathError::EncodedSlash);
                 } else {
-                    out.push('%');
-                    out.push_str(&format!("{byte:02X}"));
+                    out.push_str(&format!("%{byte:02X}"));
                 }
                 i += 3;
             }

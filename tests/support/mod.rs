@@ -462,19 +462,39 @@ impl Keygate {
     /// routes use, and creates a proxy key. `extra` is TOML put in the `[upstream]` table and
     /// after it (start it with a table header to leave that table).
     pub async fn start(ca: &TestCa, routes: &[(&str, &str, &str)], extra: &str) -> Self {
+        let secrets: Vec<(&str, &str)> = routes.iter().map(|r| (r.2, UPSTREAM_SECRET)).collect();
+        let text = |dir: &Path| config_text(ca, dir, routes, extra);
+        Self::start_text(text, &secrets).await
+    }
+
+    /// Starts keygate with the config `extra` then `routes_toml` (raw `[[route]]` tables),
+    /// `secrets` stored before it starts (so every route has its credential from the first
+    /// request), and a proxy key.
+    pub async fn start_toml(
+        ca: &TestCa,
+        extra: &str,
+        routes_toml: &str,
+        secrets: &[(&str, &str)],
+    ) -> Self {
+        let text = |dir: &Path| format!("{}{routes_toml}", config_text(ca, dir, &[], extra));
+        Self::start_text(text, secrets).await
+    }
+
+    async fn start_text(text: impl FnOnce(&Path) -> String, secrets: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let text = config_text(ca, dir.path(), routes, extra);
+        let text = text(dir.path());
         let config_path = dir.path().join("keygate.toml");
         std::fs::write(&config_path, &text).unwrap();
-        let mut config = Config::parse(&text, "test").expect("test config");
+        let mut config = Config::parse(&text, &config_path.display().to_string())
+            .unwrap_or_else(|e| panic!("keygate refused the test config: {e}"));
         // What a reload reads again.
         config.source = Some(config_path.clone());
         let (key, key_id) = {
             let (master, store) = app::open_store(&config, None).unwrap();
-            let t = store.tenant().unwrap();
-            for (_, _, secret) in routes {
-                put_secret(store.as_ref(), secret, UPSTREAM_SECRET);
+            for (name, value) in secrets {
+                put_secret(store.as_ref(), name, value);
             }
+            let t = store.tenant().unwrap();
             let owner = (t.org_id.as_str(), t.user_id.as_str());
             let (k, rec) = issue_key(
                 store.as_ref(),
