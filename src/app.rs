@@ -33,7 +33,8 @@ use crate::proxy::DataPlane;
 use crate::secret::Secret;
 use crate::server::{accept_loop, Plane, Serve};
 use crate::store::{
-    issue_key, KeyOptions, Revisions, Role, SqliteStore, Store, StoreError, Tenant,
+    issue_first_admin_key, PgSettings, PgStore, Revisions, SqliteStore, Store, StoreError,
+    Tenant,
 };
 use crate::tls::TlsError;
 
@@ -326,17 +327,49 @@ impl Serve for Listener {
     }
 }
 
-/// Opens the master key and the store named by the config.
+/// Opens the master key and the store named by the config: PostgreSQL when a URL is set
+/// (`KEYGATE_STORE_URL`, else `store.url`), else SQLite at `store.path`.
 pub fn open_store(
     config: &Config,
     master_env: Option<Zeroizing<String>>,
-) -> Result<(Arc<MasterKey>, Arc<SqliteStore>), AppError> {
+) -> Result<(Arc<MasterKey>, Arc<dyn Store>), AppError> {
     let master = Arc::new(MasterKey::load_or_create(&MasterKeySource {
         env: master_env,
         file: config.store.master_key_file.clone(),
     })?);
-    let store = Arc::new(SqliteStore::open(&config.store.path, master.clone())?);
+    let store: Arc<dyn Store> = match store_url(config)? {
+        Some(url) => {
+            let settings = PgSettings::from_url(
+                &url,
+                config.store.ca_file.clone(),
+                config.store.pool_size,
+                config.store.timeout,
+            )?;
+            Arc::new(PgStore::open(&settings, master.clone())?)
+        }
+        None => Arc::new(SqliteStore::open(&config.store.path, master.clone())?),
+    };
     Ok((master, store))
+}
+
+/// The PostgreSQL URL, if any: `KEYGATE_STORE_URL` (so that no password has to be written into
+/// the config file) wins over `store.url`.
+fn store_url(config: &Config) -> Result<Option<Zeroizing<String>>, StoreError> {
+    match std::env::var("KEYGATE_STORE_URL") {
+        Ok(url) if !url.is_empty() => {
+            if !crate::config::StoreUrl::is_postgres(&url) {
+                return Err(StoreError::Settings(
+                    "KEYGATE_STORE_URL must be a postgres:// or postgresql:// URL (the value is not shown: it may hold a password)".into(),
+                ));
+            }
+            Ok(Some(Zeroizing::new(url)))
+        }
+        _ => Ok(config
+            .store
+            .url
+            .as_ref()
+            .map(|u| Zeroizing::new(u.0.clone()))),
+    }
 }
 
 /// A running keygate.
@@ -389,29 +422,24 @@ pub async fn start(
     master_env: Option<Zeroizing<String>>,
 ) -> Result<Running, AppError> {
     let config = Arc::new(config);
-    let (master, sqlite) = open_store(&config, master_env)?;
-    let store: Arc<dyn Store> = sqlite;
+    let (master, store) = open_store(&config, master_env)?;
 
     let first_admin_key = {
         let store = store.clone();
         let master = master.clone();
         blocking(move || -> Result<Option<Secret>, AppError> {
-            if store.count_api_keys()? > 0 {
+            let Some((key, rec)) = issue_first_admin_key(store.as_ref(), &master)? else {
                 return Ok(None);
-            }
-            let t = store.tenant()?;
-            let (key, rec) = issue_key(
-                store.as_ref(),
-                &master,
-                (&t.org_id, &t.user_id),
-                "admin",
-                KeyOptions::role(Role::Admin),
-            )?;
+            };
             tracing::info!(key_id = %rec.id, "the store was empty: created the first admin key");
             Ok(Some(key))
         })
         .await?
     };
+    {
+        let info = store.describe();
+        tracing::info!(backend = info.backend, location = %info.location, "store open");
+    }
 
     let cert = crate::tls::resolve_listener_cert(&config.tls)?;
     let tls = TlsAcceptor::from(crate::tls::server_config(&cert.cert, &cert.key)?);
@@ -531,7 +559,10 @@ async fn evict_idle_state(state: Arc<AppState>, mut shutdown: watch::Receiver<bo
     }
 }
 
-/// Asks the store every poll interval whether keys or secrets changed.
+/// Asks the store every poll interval whether keys or secrets changed, and at once when the
+/// store pushes a change notice (PostgreSQL's NOTIFY from any instance). The poll goes on while
+/// notices arrive: it is what notices a store outage (the staleness bound) and what catches a
+/// change while the push channel is down.
 async fn poll_store(
     state: Arc<AppState>,
     mut seen: Revisions,
@@ -540,10 +571,12 @@ async fn poll_store(
     // Not reloadable: the key cache settings are fixed at start.
     let mut tick = tokio::time::interval(state.live().config.keys.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut notices = state.store.changes();
     let mut failing = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = notice(&mut notices) => {}
             _ = crate::server::signalled(&mut shutdown) => return,
         }
         let st = state.clone();
@@ -572,6 +605,17 @@ async fn poll_store(
             }
         }
     }
+}
+
+/// The next change notice; never, for a store that sends none (or stopped sending).
+async fn notice(notices: &mut Option<watch::Receiver<u64>>) {
+    if let Some(rx) = notices {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    *notices = None;
+    std::future::pending::<()>().await
 }
 
 fn read_ca(config: &Config) -> Option<Vec<u8>> {

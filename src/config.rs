@@ -126,6 +126,10 @@ struct RawTls {
 struct RawStore {
     path: Option<PathBuf>,
     master_key_file: Option<PathBuf>,
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    pool_size: Option<usize>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,11 +273,38 @@ pub enum TlsSource {
     Generated { dir: PathBuf },
 }
 
-/// The embedded store.
+/// The store: SQLite at `path` unless a PostgreSQL `url` is set (here or in
+/// `KEYGATE_STORE_URL`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub path: PathBuf,
     pub master_key_file: PathBuf,
+    /// A `postgres://` URL: the fleet's shared store. May carry a password, so it is never
+    /// printed (see [`StoreUrl`]).
+    pub url: Option<StoreUrl>,
+    /// A CA trusted for the database's certificate, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PostgreSQL connections per instance.
+    pub pool_size: usize,
+    /// How long one store call may take before it counts as "unavailable".
+    pub timeout: Duration,
+}
+
+/// A database URL. Its `Debug` shows only that it is set: the URL may hold a password.
+#[derive(Clone, PartialEq)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreUrl(not shown)")
+    }
+}
+
+impl StoreUrl {
+    /// Whether `text` names a PostgreSQL database (the only URL store so far).
+    pub fn is_postgres(text: &str) -> bool {
+        text.starts_with("postgres://") || text.starts_with("postgresql://")
+    }
 }
 
 /// How keygate talks to upstreams.
@@ -719,6 +750,23 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             .store
             .master_key_file
             .unwrap_or_else(|| PathBuf::from("data/master.key")),
+        url: match raw.store.url {
+            None => None,
+            Some(u) if StoreUrl::is_postgres(&u) => Some(StoreUrl(u)),
+            Some(_) => {
+                return Err(c.err(
+                    "store.url",
+                    "must be a postgres:// or postgresql:// URL (the value is not shown: it may hold a password)",
+                ))
+            }
+        },
+        ca_file: raw.store.ca_file,
+        pool_size: match raw.store.pool_size {
+            None => 8,
+            Some(n) if (1..=1000).contains(&n) => n,
+            Some(_) => return Err(c.err("store.pool_size", "must be between 1 and 1000")),
+        },
+        timeout: c.duration("store.timeout", raw.store.timeout, Duration::from_secs(3))?,
     };
     let upstream = UpstreamConfig {
         ca_file: raw.upstream.ca_file,

@@ -81,7 +81,7 @@ impl ProxyError {
                 tracing::error!(error = %self, "failing closed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "key store unavailable".into(),
+                    "key store unavailable: try again when it is back".into(),
                 )
             }
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route matches this path".into()),
@@ -246,6 +246,10 @@ impl From<crate::store::StoreError> for AdminError {
         use crate::store::StoreError;
         match e {
             StoreError::Conflict(msg) => AdminError::BadRequest(msg),
+            StoreError::Unavailable(detail) => {
+                tracing::error!(detail = %detail, "key store unavailable");
+                AdminError::StoreUnavailable
+            }
             StoreError::UnknownCursor(id) => {
                 AdminError::BadRequest(format!("pagination cursor {id} names no object"))
             }
@@ -299,7 +303,7 @@ impl AdminError {
                 tracing::error!("admin API failing closed: key store unavailable");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "key store unavailable".into(),
+                    "key store unavailable: try again when it is back".into(),
                 )
             }
             AdminError::Internal(detail) => {

@@ -17,7 +17,7 @@ use keygate::actions::{self, NewKeys};
 use keygate::cli::args::{Cli, Command, KeysCommand, LogFormat, SecretsCommand};
 use keygate::cli::{self, master_env, CliError};
 use keygate::config::Config;
-use keygate::store::{ListQuery, Store};
+use keygate::store::ListQuery;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

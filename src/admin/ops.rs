@@ -18,6 +18,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
     let staleness = state.plane.keys.staleness();
     let bound = live.config.keys.staleness_bound;
     let store_ok = staleness <= bound;
+    let store = state.store.describe();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -34,6 +35,8 @@ pub fn readyz(state: &AppState) -> Response<Body> {
         "checks": {
             "key_store": {
                 "ok": store_ok,
+                "backend": store.backend,
+                "notifications": store.notifications,
                 "last_read_seconds_ago": (staleness.as_secs_f64() * 1000.0).round() / 1000.0,
                 "bound_seconds": bound.as_secs_f64(),
             },

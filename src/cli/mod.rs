@@ -16,7 +16,6 @@ use zeroize::Zeroizing;
 
 use crate::app;
 use crate::config::Config;
-use crate::store::Store;
 
 /// Why a command failed; printed as `keygate: <message>`.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +214,12 @@ pub fn run_command(
     rt.block_on(async {
         let signals = crate::run::SignalForwarder::install()?;
         let child = crate::run::spawn(command, &env)?;
-        if let Err(e) = store.mark_env_vars_used(&org_id, &ids) {
+        // Off the runtime thread: a PostgreSQL store blocks on a runtime of its own.
+        let stamp = {
+            let (store, org_id) = (store.clone(), org_id.clone());
+            tokio::task::spawn_blocking(move || store.mark_env_vars_used(&org_id, &ids))
+        };
+        if let Ok(Err(e)) = stamp.await {
             eprintln!("keygate: could not stamp env var use: {e}");
         }
         signals.supervise(child).await

@@ -4,27 +4,45 @@
 //! Every method is one transaction. Implementations encrypt and decrypt secrets themselves:
 //! values go in and come out as [`Secret`], and only sealed bytes are ever written.
 //!
-//! Change detection: every write to keys or secrets bumps a revision counter in the same
-//! transaction (SQLite triggers, so writes from any process count). The server polls
-//! [`Store::revisions`] and drops what it cached when a counter moves.
+//! Change detection: every write to keys or secrets that changes what the data plane uses
+//! bumps a revision counter in the same transaction (triggers, so writes from any process or
+//! instance count; stamping `exposed` or `used` does not). The server polls
+//! [`Store::revisions`] and drops what it cached when a counter moves; a backend that can push
+//! (PostgreSQL's LISTEN/NOTIFY) also wakes the poller through [`Store::changes`].
 //!
 //! Lists are newest first (`created DESC, id DESC`) and paged by cursor: ids are UUID v7 whose
 //! timestamp is the `created` time, so a cursor keeps its place even when its object was deleted
 //! between two pages.
+//!
+//! Two backends: SQLite (embedded, the default) and PostgreSQL (a fleet's shared store). What
+//! is not SQL lives once, in `common`.
 
+mod common;
+mod postgres;
 mod sqlite;
 
-pub use sqlite::{now_rfc3339, SqliteStore};
+pub use common::now_rfc3339;
+pub use postgres::{PgSettings, PgStore};
+pub use sqlite::SqliteStore;
 
 use crate::config::LimitSpec;
 use crate::crypto::KeyDigest;
 use crate::secret::Secret;
 
-/// A store failure. Messages never carry a key or secret value.
+/// A store failure, whatever the backend. Messages never carry a key or secret value, nor a
+/// database password.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot be reached or did not answer in time: a passing condition (503),
+    /// not a bug (500).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused a statement.
     #[error("store: {0}")]
-    Db(#[from] rusqlite::Error),
+    Backend(String),
+    /// The store settings are unusable (a malformed URL, a CA file that does not load).
+    #[error("store settings: {0}")]
+    Settings(String),
     #[error("store: cannot create {path}: {source}")]
     Dir {
         path: std::path::PathBuf,
@@ -370,6 +388,9 @@ pub trait Store: KeyLookup {
         recs.pop()
             .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
     }
+    /// Inserts `new` only when the store holds no key at all, in one transaction: instances
+    /// starting together on one empty store mint exactly one first key. `None`: there were keys.
+    fn create_first_key(&self, new: NewApiKey) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// Inserts keys, all in one transaction.
     fn create_api_keys(&self, new: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// A page of keys, newest first.
@@ -466,6 +487,27 @@ pub trait Store: KeyLookup {
 
     /// The change counters.
     fn revisions(&self) -> Result<Revisions, StoreError>;
+
+    /// Pushed change notices: the value moves when any instance changed something the data
+    /// plane uses (and when the push channel reconnects, since notices may have been missed).
+    /// `None` for a backend without push: polling [`Store::revisions`] is then the only way.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// What this store is, for `/readyz` and the log: never a password.
+    fn describe(&self) -> StoreInfo;
+}
+
+/// What a store is, for `/readyz` and the log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreInfo {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// The file, or `host:port/database` (no user, no password).
+    pub location: String,
+    /// Whether the push channel for changes is connected; `None` when the backend has none.
+    pub notifications: Option<bool>,
 }
 
 /// Generates a new key for the org and user, stores its digest, and returns the key (to show
@@ -489,6 +531,30 @@ pub fn issue_key(
         limit: opts.limit,
     })?;
     Ok((key, rec))
+}
+
+/// Mints the first admin key when the store holds no key at all; `None` when it has keys.
+/// Instances starting together on one empty store mint exactly one.
+pub fn issue_first_admin_key(
+    store: &dyn Store,
+    master: &crate::crypto::MasterKey,
+) -> Result<Option<(Secret, ApiKeyRecord)>, StoreError> {
+    if store.count_api_keys()? > 0 {
+        return Ok(None);
+    }
+    let t = store.tenant()?;
+    let key = master.generate_key()?;
+    let rec = store.create_first_key(NewApiKey {
+        org_id: t.org_id,
+        user_id: t.user_id,
+        name: "admin".to_owned(),
+        role: Role::Admin,
+        digest: master.digest(key.expose()),
+        preview_name: crate::crypto::key_preview(&key),
+        routes: None,
+        limit: None,
+    })?;
+    Ok(rec.map(|rec| (key, rec)))
 }
 
 /// Like [`issue_key`] for `count` keys with the same name and options, in one transaction.

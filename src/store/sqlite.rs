@@ -12,20 +12,56 @@ use rusqlite::types::Value;
 use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Row, Transaction, TransactionBehavior,
 };
-use serde_json::Map;
 
+use super::common::{
+    cursor_of_deleted, fingerprint_missing, key_uid, limit_columns, limit_from, metadata_from,
+    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret,
+    plan_secret_write, routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
+};
 use super::{
-    merge_metadata, AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter,
-    EnvVarRecord, EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal,
-    Profile, Revisions, Role, SecretRef, Store, StoreError, Tenant, WriteMode,
+    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter, EnvVarRecord,
+    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile,
+    Revisions, Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
 };
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
 use crate::secret::Secret;
 
-const SCHEMA_VERSION: i64 = 1;
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        // Busy or locked past `busy_timeout`: another writer holds the file; try again later.
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Backend(e.to_string()),
+        }
+    }
+}
 
-const SCHEMA: &str = r#"
+/// The schema, as numbered migrations applied in order (`PRAGMA user_version` records the
+/// last one applied). Version 1 is the schema as first released.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+
+/// Version 2: stamping `exposed` on a key or `used` on an env var no longer counts as a change
+/// (it changes nothing the data plane uses), so it does not flush every key cache.
+const SCHEMA_V2: &str = r#"
+DROP TRIGGER IF EXISTS api_keys_upd;
+CREATE TRIGGER api_keys_upd AFTER UPDATE ON api_keys
+  WHEN OLD.digest IS NOT NEW.digest OR OLD.org_id IS NOT NEW.org_id
+    OR OLD.user_id IS NOT NEW.user_id OR OLD.role IS NOT NEW.role
+    OR OLD.routes IS NOT NEW.routes OR OLD.rate_per_second IS NOT NEW.rate_per_second
+    OR OLD.burst IS NOT NEW.burst OR OLD.name IS NOT NEW.name
+  BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'keys'; END;
+DROP TRIGGER IF EXISTS env_vars_upd;
+CREATE TRIGGER env_vars_upd AFTER UPDATE ON env_vars
+  WHEN OLD.sealed IS NOT NEW.sealed OR OLD.name IS NOT NEW.name
+    OR OLD.org_id IS NOT NEW.org_id OR OLD.object_type IS NOT NEW.object_type
+    OR OLD.object_id IS NOT NEW.object_id
+  BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'env_vars'; END;
+"#;
+
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 INSERT OR IGNORE INTO revisions (name, n) VALUES ('keys', 0), ('secrets', 0), ('env_vars', 0);
@@ -99,43 +135,14 @@ CREATE TRIGGER IF NOT EXISTS env_vars_del AFTER DELETE ON env_vars
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
-    master: Arc<MasterKey>,
+    sealer: Sealer,
+    path: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SqliteStore")
     }
-}
-
-fn format_time(t: time::OffsetDateTime) -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    t.format(&fmt)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
-}
-
-/// The current time as the wire format wants it: RFC 3339, milliseconds, `Z`.
-pub fn now_rfc3339() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-/// A new id (UUID v7) and the `created` time it encodes.
-fn new_id() -> (String, String) {
-    let id = uuid::Uuid::now_v7();
-    let created = created_of(&id).unwrap_or_else(now_rfc3339);
-    (id.to_string(), created)
-}
-
-/// The creation time a UUID v7 encodes.
-fn created_of(id: &uuid::Uuid) -> Option<String> {
-    let (secs, nanos) = id.get_timestamp()?.to_unix();
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(
-        secs as i128 * 1_000_000_000 + nanos as i128,
-    )
-    .ok()?;
-    Some(format_time(t))
 }
 
 fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
@@ -205,22 +212,31 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
+        let sealer = Sealer(master);
+        let tx = immediate(&mut conn)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let supported = MIGRATIONS.last().map_or(0, |m| m.0);
+        if version > supported {
             return Err(StoreError::SchemaTooNew {
                 found: version,
-                supported: SCHEMA_VERSION,
+                supported,
             });
         }
-        let tx = immediate(&mut conn)?;
-        tx.execute_batch(SCHEMA)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        check_or_set_fingerprint(&tx, &master.fingerprint())?;
+        // The master key is checked before anything is migrated or written.
+        if version > 0 {
+            check_or_set_fingerprint(&tx, &sealer.fingerprint())?;
+        }
+        for (n, sql) in MIGRATIONS.iter().filter(|m| m.0 > version) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", n)?;
+        }
+        check_or_set_fingerprint(&tx, &sealer.fingerprint())?;
         ensure_tenant(&tx)?;
         tx.commit()?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
-            master,
+            sealer,
+            path: path.to_path_buf(),
         })
     }
 
@@ -228,12 +244,6 @@ impl SqliteStore {
         // A panic while holding the lock cannot leave a half-written transaction (rusqlite rolls
         // back on drop), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn seal(&self, kind: &str, id: &str, value: &Secret) -> Result<Vec<u8>, StoreError> {
-        Ok(self
-            .master
-            .seal(&format!("{kind}:{id}"), value.expose().as_bytes())?)
     }
 }
 
@@ -245,30 +255,26 @@ fn check_or_set_fingerprint(tx: &Transaction<'_>, fp: &[u8; 32]) -> Result<(), S
             |r| r.get(0),
         )
         .optional()?;
-    match stored {
-        Some(v) if v.as_slice() == fp.as_slice() => Ok(()),
-        Some(_) => Err(StoreError::WrongMasterKey),
-        None => {
-            tx.execute(
-                "INSERT INTO meta (k, v) VALUES ('master_key_fingerprint', ?1)",
-                params![fp.as_slice()],
-            )?;
-            Ok(())
-        }
+    if fingerprint_missing(stored.as_deref(), fp)? {
+        tx.execute(
+            "INSERT INTO meta (k, v) VALUES ('master_key_fingerprint', ?1)",
+            params![fp.as_slice()],
+        )?;
     }
+    Ok(())
 }
 
 fn ensure_tenant(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let n: i64 = tx.query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get(0))?;
     if n == 0 {
-        let (org, now) = new_id();
+        let t = NewTenant::generate();
         tx.execute(
-            "INSERT INTO orgs (id, name, created) VALUES (?1, 'default', ?2)",
-            params![org, now],
+            "INSERT INTO orgs (id, name, created) VALUES (?1, ?2, ?3)",
+            params![t.org_id, t.org_name, t.created],
         )?;
         tx.execute(
             "INSERT INTO users (id, org_id, created) VALUES (?1, ?2, ?3)",
-            params![new_id().0, org, now],
+            params![t.user_id, t.org_id, t.created],
         )?;
     }
     Ok(())
@@ -312,23 +318,8 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     })
 }
 
-/// A key's own quota, from its two columns (both NULL: the default).
-fn limit_from(per_second: Option<f64>, burst: Option<i64>) -> Option<LimitSpec> {
-    LimitSpec::new(per_second?, u32::try_from(burst?).ok()?)
-}
 
-/// The key id as the number limiter state is keyed by.
-fn key_uid(id: &str) -> u128 {
-    uuid::Uuid::parse_str(id)
-        .map(|u| u.as_u128())
-        .unwrap_or_default()
-}
 
-/// A key's route list, stored as a JSON array (NULL: all routes).
-fn routes_from(text: Option<String>) -> Option<Vec<String>> {
-    // An unreadable list grants nothing rather than everything.
-    text.map(|t| serde_json::from_str(&t).unwrap_or_default())
-}
 
 const SECRET_COLUMNS: &str =
     "id, created, updated_at, org_id, name, type, metadata, preview_secret";
@@ -342,7 +333,7 @@ fn secret_from_row(r: &Row<'_>) -> rusqlite::Result<AiSecretRecord> {
         org_id: r.get(3)?,
         name: r.get(4)?,
         secret_type: r.get(5)?,
-        metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+        metadata: metadata_from(metadata),
         preview_secret: r.get(7)?,
     })
 }
@@ -362,10 +353,6 @@ fn env_from_row(r: &Row<'_>) -> rusqlite::Result<EnvVarRecord> {
     })
 }
 
-fn metadata_text(m: &Option<Map<String, serde_json::Value>>) -> Option<String> {
-    m.as_ref()
-        .map(|m| serde_json::Value::Object(m.clone()).to_string())
-}
 
 fn one<T>(
     conn: &Connection,
@@ -410,16 +397,9 @@ fn list_page<T>(
         sql.push_str(&clause);
         values.extend(vals);
     }
-    let (cmp, order, reverse) = match &q.page {
-        Page::First => (None, "DESC", false),
-        Page::After(id) => (
-            Some(("<", cursor_position(conn, table, id)?)),
-            "DESC",
-            false,
-        ),
-        Page::Before(id) => (Some((">", cursor_position(conn, table, id)?)), "ASC", true),
-    };
-    if let Some((op, (created, id))) = cmp {
+    let (cmp, order, reverse) = page_order(&q.page);
+    if let (Some(op), Page::After(id) | Page::Before(id)) = (cmp, &q.page) {
+        let (created, id) = cursor_position(conn, table, id)?;
         sql.push_str(&format!(
             " AND (created {op} ? OR (created = ? AND id {op} ?))"
         ));
@@ -458,15 +438,7 @@ fn cursor_position(
     if let Some(created) = found {
         return Ok((created, id.to_owned()));
     }
-    uuid::Uuid::parse_str(id)
-        .ok()
-        .and_then(|u| created_of(&u))
-        .map(|created| (created, id.to_owned()))
-        .ok_or_else(|| StoreError::UnknownCursor(id.to_owned()))
-}
-
-fn name_taken(what: &str, name: &str) -> StoreError {
-    StoreError::Conflict(format!("an {what} named {name:?} already exists"))
+    cursor_of_deleted(id)
 }
 
 impl KeyLookup for SqliteStore {
@@ -489,7 +461,7 @@ impl KeyLookup for SqliteStore {
                     Ok((
                         Principal {
                             key_uid: key_uid(&r.get::<_, String>(0)?),
-                            profile: std::sync::Arc::new(Profile {
+                            profile: Arc::new(Profile {
                                 org_id: r.get(1)?,
                                 user_id: r.get(2)?,
                                 role: Role::parse(&role).unwrap_or(Role::Proxy),
@@ -537,6 +509,7 @@ impl Store for SqliteStore {
                 tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))?;
             for new in keys {
                 let (id, created) = new_id();
+                let (per_second, burst) = limit_columns(new.limit);
                 insert.execute(params![
                     id,
                     created,
@@ -546,17 +519,54 @@ impl Store for SqliteStore {
                     new.org_id,
                     new.role.as_str(),
                     new.digest.as_slice(),
-                    new.routes
-                        .as_ref()
-                        .map(|r| serde_json::Value::from(r.clone()).to_string()),
-                    new.limit.map(|l| l.per_second()),
-                    new.limit.map(|l| l.burst)
+                    routes_text(&new.routes),
+                    per_second,
+                    burst
                 ])?;
                 out.push(select.query_row([&id], key_from_row)?);
             }
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    fn create_first_key(&self, new: NewApiKey) -> Result<Option<ApiKeyRecord>, StoreError> {
+        // One IMMEDIATE transaction: a second process starting on the same file waits for the
+        // first one's commit, then sees its key.
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let n: i64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
+        if n > 0 {
+            return Ok(None);
+        }
+        let (id, created) = new_id();
+        let (per_second, burst) = limit_columns(new.limit);
+        tx.execute(
+            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
+                                   rate_per_second, burst)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                id,
+                created,
+                new.name,
+                new.preview_name,
+                new.user_id,
+                new.org_id,
+                new.role.as_str(),
+                new.digest.as_slice(),
+                routes_text(&new.routes),
+                per_second,
+                burst
+            ],
+        )?;
+        let rec = one(
+            &tx,
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+            [&id],
+            key_from_row,
+        )?;
+        tx.commit()?;
+        Ok(rec)
     }
 
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError> {
@@ -587,14 +597,10 @@ impl Store for SqliteStore {
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
+        let (per_second, burst) = limit_columns(limit);
         let n = tx.execute(
             "UPDATE api_keys SET rate_per_second = ?3, burst = ?4 WHERE org_id = ?1 AND id = ?2",
-            params![
-                org_id,
-                id,
-                limit.map(|l| l.per_second()),
-                limit.map(|l| l.burst)
-            ],
+            params![org_id, id, per_second, burst],
         )?;
         let rec = if n == 0 {
             None
@@ -689,35 +695,31 @@ impl Store for SqliteStore {
         let by_name =
             format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND name = ?2");
         let existing = one(&tx, &by_name, [org_id, w.name.as_str()], secret_from_row)?;
-        let now = now_rfc3339();
-        match (existing, mode) {
-            (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
-            (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
-                let (ty, meta) = match mode {
-                    WriteMode::Replace => (w.secret_type.clone(), metadata_text(&w.metadata)),
-                    _ => (
-                        w.secret_type.clone().or(rec.secret_type.clone()),
-                        metadata_text(&w.metadata.clone().or(rec.metadata.clone())),
-                    ),
-                };
+        match plan_secret_write(existing, &w, mode) {
+            Planned::Existing(rec) => return Ok(rec),
+            Planned::Update {
+                id,
+                secret_type,
+                metadata,
+            } => {
                 tx.execute(
                     "UPDATE ai_secrets SET updated_at = ?2, type = ?3, metadata = ?4 WHERE id = ?1",
-                    params![rec.id, now, ty, meta],
+                    params![id, now_rfc3339(), secret_type, metadata],
                 )?;
                 if let Some(secret) = &w.secret {
-                    let sealed = self.seal("ai_secret", &rec.id, secret)?;
+                    let sealed = self.sealer.seal(Sealed::AiSecret, &id, secret)?;
                     tx.execute(
                         "UPDATE ai_secrets SET sealed = ?2, preview_secret = ?3 WHERE id = ?1",
-                        params![rec.id, sealed, secret.preview("")],
+                        params![id, sealed, secret.preview("")],
                     )?;
                 }
             }
-            (None, _) => {
+            Planned::Insert => {
                 let (id, created) = new_id();
                 let sealed = w
                     .secret
                     .as_ref()
-                    .map(|s| self.seal("ai_secret", &id, s))
+                    .map(|s| self.sealer.seal(Sealed::AiSecret, &id, s))
                     .transpose()?;
                 tx.execute(
                     "INSERT INTO ai_secrets (id, created, updated_at, org_id, name, type, metadata, sealed, preview_secret)
@@ -768,22 +770,13 @@ impl Store for SqliteStore {
                 return Err(name_taken("ai_secret", name));
             }
         }
-        let mut metadata = rec.metadata.clone();
-        if let Some(patch) = p.metadata {
-            merge_metadata(metadata.get_or_insert_with(Map::new), patch);
-        }
+        let (name, secret_type, metadata) = patched_secret(&rec, &p);
         tx.execute(
             "UPDATE ai_secrets SET updated_at = ?2, name = ?3, type = ?4, metadata = ?5 WHERE id = ?1",
-            params![
-                id,
-                now_rfc3339(),
-                p.name.unwrap_or(rec.name),
-                p.secret_type.or(rec.secret_type),
-                metadata_text(&metadata)
-            ],
+            params![id, now_rfc3339(), name, secret_type, metadata],
         )?;
         if let Some(secret) = &p.secret {
-            let sealed = self.seal("ai_secret", id, secret)?;
+            let sealed = self.sealer.seal(Sealed::AiSecret, id, secret)?;
             tx.execute(
                 "UPDATE ai_secrets SET sealed = ?2, preview_secret = ?3 WHERE id = ?1",
                 params![id, sealed, secret.preview("")],
@@ -834,9 +827,7 @@ impl Store for SqliteStore {
         match row {
             None | Some((_, None)) => Ok(None),
             Some((rec, Some(sealed))) => {
-                let value = self
-                    .master
-                    .open(&format!("ai_secret:{}", rec.id), &sealed)?;
+                let value = self.sealer.open(Sealed::AiSecret, &rec.id, &sealed)?;
                 Ok(Some((rec, value)))
             }
         }
@@ -897,7 +888,7 @@ impl Store for SqliteStore {
             (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
             (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
                 if let Some(v) = &w.value {
-                    let sealed = self.seal("env_var", &rec.id, v)?;
+                    let sealed = self.sealer.seal(Sealed::EnvVar, &rec.id, v)?;
                     tx.execute(
                         "UPDATE env_vars SET sealed = ?2 WHERE id = ?1",
                         params![rec.id, sealed],
@@ -909,7 +900,7 @@ impl Store for SqliteStore {
                 let sealed = w
                     .value
                     .as_ref()
-                    .map(|v| self.seal("env_var", &id, v))
+                    .map(|v| self.sealer.seal(Sealed::EnvVar, &id, v))
                     .transpose()?;
                 tx.execute(
                     "INSERT INTO env_vars (id, created, org_id, object_type, object_id, name, sealed)
@@ -954,7 +945,7 @@ impl Store for SqliteStore {
             )?;
         }
         if let Some(v) = &value {
-            let sealed = self.seal("env_var", id, v)?;
+            let sealed = self.sealer.seal(Sealed::EnvVar, id, v)?;
             tx.execute(
                 "UPDATE env_vars SET sealed = ?2 WHERE id = ?1",
                 params![id, sealed],
@@ -999,7 +990,7 @@ impl Store for SqliteStore {
             })?;
             for row in rows {
                 let (rec, sealed) = row?;
-                let value = self.master.open(&format!("env_var:{}", rec.id), &sealed)?;
+                let value = self.sealer.open(Sealed::EnvVar, &rec.id, &sealed)?;
                 out.push((rec, value));
             }
         }
@@ -1027,6 +1018,14 @@ impl Store for SqliteStore {
             secrets: revision(&conn, "secrets")?,
             env_vars: revision(&conn, "env_vars")?,
         })
+    }
+
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            backend: "sqlite",
+            location: self.path.display().to_string(),
+            notifications: None,
+        }
     }
 }
 
