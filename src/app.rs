@@ -422,7 +422,11 @@ pub async fn start(
     master_env: Option<Zeroizing<String>>,
 ) -> Result<Running, AppError> {
     let config = Arc::new(config);
-    let (master, store) = open_store(&config, master_env)?;
+    // Off the runtime's threads: a PostgreSQL store blocks on a runtime of its own.
+    let (master, store) = {
+        let config = config.clone();
+        blocking(move || open_store(&config, master_env)).await?
+    };
 
     let first_admin_key = {
         let store = store.clone();

@@ -83,14 +83,15 @@ pub fn serve(config: Config) -> Result<(), CliError> {
                 ca.display()
             );
         }
-        eprintln!("keygate: proxy listening on https://{}", running.proxy_addr);
-        eprintln!("keygate: admin listening on https://{}", running.admin_addr);
+        // The key first: whoever reads the banner below finds the key already on stdout.
         if let Some(key) = &running.first_admin_key {
             eprintln!("keygate: the store was empty, so an admin key was created; it is printed once, on stdout:");
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", key.expose());
             let _ = out.flush();
         }
+        eprintln!("keygate: proxy listening on https://{}", running.proxy_addr);
+        eprintln!("keygate: admin listening on https://{}", running.admin_addr);
         let pid_file = PidFile::write(&pid_path(&running.state.live().config));
         let waited = serve_signals(&running).await;
         eprintln!("keygate: shutting down (draining in-flight requests)");

@@ -1,0 +1,418 @@
+//! One conformance suite over `&dyn Store`, run against both backends: SQLite (a file in a
+//! temp dir) and PostgreSQL (a private server from Debian's package, a database per test).
+//! Whatever the admin API, the CLI and the data plane rely on is asserted here once.
+
+mod support;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use keygate::crypto::MasterKey;
+use keygate::secret::Secret;
+use keygate::store::{
+    issue_first_admin_key, AiSecretPatch, AiSecretWrite, EnvVarFilter, EnvVarWrite, ListQuery,
+    NewApiKey, ObjectType, Page, PgSettings, PgStore, Role, SecretRef, SqliteStore, Store,
+    StoreError, WriteMode,
+};
+
+/// Opens the store under test with the master key made of `byte`.
+type Open = dyn Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync;
+
+fn key(s: &dyn Store, name: &str, digest: u8) -> keygate::store::ApiKeyRecord {
+    let t = s.tenant().unwrap();
+    s.create_api_key(NewApiKey {
+        org_id: t.org_id,
+        user_id: t.user_id,
+        name: name.into(),
+        role: Role::Proxy,
+        digest: [digest; 32],
+        preview_name: "sk-****abcd".into(),
+        routes: Some(vec!["chat".into()]),
+        limit: None,
+    })
+    .unwrap()
+}
+
+fn put(s: &dyn Store, org: &str, name: &str, value: &str) -> keygate::store::AiSecretRecord {
+    s.write_ai_secret(
+        org,
+        AiSecretWrite {
+            name: name.into(),
+            secret_type: Some("openai".into()),
+            metadata: None,
+            secret: Some(Secret::new(value.into())),
+        },
+        WriteMode::SetValue,
+    )
+    .unwrap()
+}
+
+fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
+    let s = open(1).unwrap();
+    let t = s.tenant().unwrap();
+    let r0 = s.revisions().unwrap();
+    let rec = key(s.as_ref(), "ci", 9);
+    assert_eq!(rec.routes.as_deref(), Some(&["chat".to_owned()][..]));
+    let r1 = s.revisions().unwrap();
+    assert!(r1.keys > r0.keys, "a new key moves the keys revision");
+    let (p, rev) = s.principal_by_digest(&[9; 32]).unwrap();
+    let p = p.expect("the key is found by its digest");
+    assert_eq!(p.key_id(), rec.id);
+    assert!(p.may_use("chat") && !p.may_use("files"));
+    assert_eq!(rev, r1.keys, "the lookup reports the revision it read at");
+    assert!(s.principal_by_digest(&[8; 32]).unwrap().0.is_none());
+
+    // Stamping `exposed` changes nothing the data plane uses: no cache flush fleet-wide.
+    s.flag_exposed(&rec.id).unwrap();
+    let got = s.get_api_key(&t.org_id, &rec.id).unwrap().unwrap();
+    assert!(got.exposed.is_some());
+    assert_eq!(s.revisions().unwrap().keys, r1.keys, "flag_exposed moved the keys revision");
+
+    // A quota change does.
+    let limit = keygate::config::LimitSpec::new(2.5, 7);
+    let limited = s.set_api_key_limit(&t.org_id, &rec.id, limit).unwrap().unwrap();
+    assert_eq!(limited.limit, limit);
+    assert!(s.revisions().unwrap().keys > r1.keys);
+    assert!(s.set_api_key_limit(&t.org_id, "nope", None).unwrap().is_none());
+
+    assert!(s.delete_api_key(Some("other-org"), &rec.id).unwrap().is_none());
+    let r2 = s.revisions().unwrap();
+    assert_eq!(
+        s.delete_api_key(Some(&t.org_id), &rec.id).unwrap().unwrap().id,
+        rec.id
+    );
+    assert!(s.revisions().unwrap().keys > r2.keys);
+    assert!(s.delete_api_key(None, &rec.id).unwrap().is_none());
+    assert!(s.principal_by_digest(&[9; 32]).unwrap().0.is_none());
+    assert_eq!(s.count_api_keys().unwrap(), 0);
+}
+
+fn pages_are_newest_first_and_cursors_survive_deletion(open: &Open) {
+    let s = open(1).unwrap();
+    let org = s.tenant().unwrap().org_id;
+    let mut made = Vec::new();
+    for i in 0..7 {
+        made.push(put(s.as_ref(), &org, &format!("S{i}"), "value-12345").id);
+    }
+    made.reverse(); // newest first
+    let page = |p: Page, limit| {
+        let q = ListQuery {
+            page: p,
+            limit,
+            ..ListQuery::all(&org, 0)
+        };
+        s.list_ai_secrets(&q, &[])
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(Page::First, 100), made);
+    assert_eq!(page(Page::First, 3), made[..3]);
+    assert_eq!(page(Page::After(made[2].clone()), 3), made[3..6]);
+    assert_eq!(page(Page::After(made[6].clone()), 3), Vec::<String>::new());
+    assert_eq!(page(Page::Before(made[5].clone()), 2), made[3..5]);
+    assert_eq!(page(Page::Before(made[0].clone()), 2), Vec::<String>::new());
+    s.delete_ai_secret(&org, SecretRef::Id(&made[2])).unwrap();
+    assert_eq!(page(Page::After(made[2].clone()), 2), made[3..5]);
+    let bogus = uuid::Uuid::new_v4().to_string();
+    assert!(matches!(
+        s.list_ai_secrets(
+            &ListQuery {
+                page: Page::After(bogus),
+                ..ListQuery::all(&org, 5)
+            },
+            &[]
+        ),
+        Err(StoreError::UnknownCursor(_))
+    ));
+    // Filters: ids, name, type.
+    let q = ListQuery {
+        ids: vec![made[0].clone(), made[4].clone()],
+        ..ListQuery::all(&org, 10)
+    };
+    assert_eq!(s.list_ai_secrets(&q, &[]).unwrap().len(), 2);
+    let q = ListQuery {
+        name: Some("S3".into()),
+        ..ListQuery::all(&org, 10)
+    };
+    assert_eq!(s.list_ai_secrets(&q, &[]).unwrap().len(), 1);
+    assert_eq!(
+        s.list_ai_secrets(&ListQuery::all(&org, 10), &["anthropic".into()])
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        s.list_ai_secrets(&ListQuery::all(&org, 10), &["openai".into()])
+            .unwrap()
+            .len(),
+        6
+    );
+}
+
+fn secrets_follow_the_write_modes(open: &Open) {
+    let s = open(1).unwrap();
+    let org = s.tenant().unwrap().org_id;
+    let r0 = s.revisions().unwrap();
+    let a = put(s.as_ref(), &org, "OPENAI", "upstream-secret-value-123");
+    assert!(s.revisions().unwrap().secrets > r0.secrets);
+    assert_eq!(a.preview_secret.as_deref(), Some("****-123"));
+    assert_eq!(
+        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        "upstream-secret-value-123"
+    );
+    let write = |mode, ty: &str, meta: Option<serde_json::Value>, value: Option<&str>| {
+        s.write_ai_secret(
+            &org,
+            AiSecretWrite {
+                name: "OPENAI".into(),
+                secret_type: Some(ty.into()),
+                metadata: meta.map(|m| m.as_object().unwrap().clone()),
+                secret: value.map(|v| Secret::new(v.into())),
+            },
+            mode,
+        )
+        .unwrap()
+    };
+    // POST on an existing name returns it unmodified.
+    assert_eq!(write(WriteMode::CreateOrGet, "other", None, Some("ignored")), a);
+    // PUT replaces the fields; an omitted value keeps the stored one.
+    let meta = serde_json::json!({"a": {"x": 1}, "b": 2});
+    let b = write(WriteMode::Replace, "azure", Some(meta), None);
+    assert_eq!(b.id, a.id);
+    assert_eq!(b.secret_type.as_deref(), Some("azure"));
+    assert_eq!(
+        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        "upstream-secret-value-123"
+    );
+    // PATCH deep-merges metadata and renames; a taken name is a conflict.
+    put(s.as_ref(), &org, "OTHER", "other-value-0000");
+    let patched = s
+        .patch_ai_secret(
+            &org,
+            &a.id,
+            AiSecretPatch {
+                metadata: Some(
+                    serde_json::json!({"a": {"y": 2}})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+                secret: Some(Secret::new("patched-value-9876".into())),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::Value::Object(patched.metadata.unwrap()),
+        serde_json::json!({"a": {"x": 1, "y": 2}, "b": 2})
+    );
+    assert_eq!(
+        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        "patched-value-9876"
+    );
+    let taken = s.patch_ai_secret(
+        &org,
+        &a.id,
+        AiSecretPatch {
+            name: Some("OTHER".into()),
+            ..Default::default()
+        },
+    );
+    assert!(matches!(taken, Err(StoreError::Conflict(_))), "{taken:?}");
+    assert!(s
+        .patch_ai_secret(&org, "nope", AiSecretPatch::default())
+        .unwrap()
+        .is_none());
+    // Delete by name and by id.
+    assert!(s
+        .delete_ai_secret(&org, SecretRef::Name("OTHER"))
+        .unwrap()
+        .is_some());
+    assert!(s
+        .delete_ai_secret(&org, SecretRef::Id(&a.id))
+        .unwrap()
+        .is_some());
+    assert!(s.ai_secret_value(&org, "OPENAI").unwrap().is_none());
+    assert!(s.get_ai_secret(&org, &a.id).unwrap().is_none());
+}
+
+fn env_vars_scope_and_stamping_is_not_a_change(open: &Open) {
+    let s = open(1).unwrap();
+    let t = s.tenant().unwrap();
+    let org = t.org_id.clone();
+    let write = |ot, oid: &str, name: &str, value: &str, mode| {
+        s.write_env_var(
+            &org,
+            EnvVarWrite {
+                object_type: ot,
+                object_id: oid.into(),
+                name: name.into(),
+                value: Some(Secret::new(value.into())),
+            },
+            mode,
+        )
+        .unwrap()
+    };
+    let org_var = write(ObjectType::Organization, &org, "REGION", "eu", WriteMode::CreateOrGet);
+    let p = write(ObjectType::Project, "p1", "REGION", "us", WriteMode::CreateOrGet);
+    assert_eq!(
+        write(ObjectType::Project, "p1", "REGION", "ignored", WriteMode::CreateOrGet).id,
+        p.id
+    );
+    write(ObjectType::Project, "p1", "REGION", "ap", WriteMode::Replace);
+    let env = keygate::store::scope_env(
+        s.as_ref(),
+        (&org, &t.org_name),
+        ObjectType::Project,
+        "p1",
+    )
+    .unwrap();
+    assert_eq!(env.len(), 1);
+    assert_eq!(env[0].1.expose(), "ap", "the project's value wins over the org's");
+    let listed = s
+        .list_env_vars(
+            &ListQuery::all(&org, 10),
+            &EnvVarFilter {
+                object_type: Some(ObjectType::Project),
+                object_id: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let before = s.revisions().unwrap();
+    s.mark_env_vars_used(&org, &[org_var.id.clone(), p.id.clone()])
+        .unwrap();
+    assert!(s.get_env_var(&org, &p.id).unwrap().unwrap().used.is_some());
+    assert_eq!(
+        s.revisions().unwrap().env_vars,
+        before.env_vars,
+        "stamping `used` moved the env_vars revision"
+    );
+    // Renaming onto a taken name is a conflict; a free one works and moves the revision.
+    write(ObjectType::Project, "p1", "OTHER", "x", WriteMode::CreateOrGet);
+    assert!(matches!(
+        s.patch_env_var(&org, &p.id, "OTHER", None),
+        Err(StoreError::Conflict(_))
+    ));
+    let renamed = s.patch_env_var(&org, &p.id, "ZONE", None).unwrap().unwrap();
+    assert_eq!(renamed.name, "ZONE");
+    assert!(s.revisions().unwrap().env_vars > before.env_vars);
+    assert!(s.delete_env_var(&org, &p.id).unwrap().is_some());
+    assert!(s.delete_env_var(&org, &p.id).unwrap().is_none());
+}
+
+fn concurrent_starts_mint_one_first_admin_key(open: &Open) {
+    let first = open(1).unwrap();
+    let master = Arc::new(MasterKey::from_bytes(&[1; 32]));
+    let stores: Vec<Arc<dyn Store>> = (0..6).map(|_| open(1).unwrap()).collect();
+    drop(first);
+    let barrier = Arc::new(Barrier::new(stores.len()));
+    let minted: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = stores
+            .iter()
+            .map(|s| {
+                let (barrier, master) = (barrier.clone(), master.clone());
+                scope.spawn(move || {
+                    barrier.wait();
+                    issue_first_admin_key(s.as_ref(), &master)
+                        .unwrap()
+                        .is_some()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(minted.iter().filter(|m| **m).count(), 1, "{minted:?}");
+    assert_eq!(stores[0].count_api_keys().unwrap(), 1);
+    let keys = stores[0]
+        .list_api_keys(&ListQuery::all(&stores[0].tenant().unwrap().org_id, 10))
+        .unwrap();
+    assert_eq!(keys[0].role, Role::Admin);
+}
+
+fn another_master_key_is_refused_before_anything_is_written(open: &Open) {
+    let s = open(1).unwrap();
+    let org = s.tenant().unwrap().org_id;
+    put(s.as_ref(), &org, "KEEP", "keep-this-value-1");
+    let err = open(2).err().expect("another master key is refused");
+    assert!(matches!(err, StoreError::WrongMasterKey), "{err}");
+    assert_eq!(
+        s.ai_secret_value(&org, "KEEP").unwrap().unwrap().1.expose(),
+        "keep-this-value-1"
+    );
+}
+
+macro_rules! suite {
+    ($backend:ident, $opener:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn keys_round_trip_and_only_data_plane_changes_move_revisions() {
+                super::keys_round_trip_and_only_data_plane_changes_move_revisions(&$opener);
+            }
+            #[test]
+            fn pages_are_newest_first_and_cursors_survive_deletion() {
+                super::pages_are_newest_first_and_cursors_survive_deletion(&$opener);
+            }
+            #[test]
+            fn secrets_follow_the_write_modes() {
+                super::secrets_follow_the_write_modes(&$opener);
+            }
+            #[test]
+            fn env_vars_scope_and_stamping_is_not_a_change() {
+                super::env_vars_scope_and_stamping_is_not_a_change(&$opener);
+            }
+            #[test]
+            fn concurrent_starts_mint_one_first_admin_key() {
+                super::concurrent_starts_mint_one_first_admin_key(&$opener);
+            }
+            #[test]
+            fn another_master_key_is_refused_before_anything_is_written() {
+                super::another_master_key_is_refused_before_anything_is_written(&$opener);
+            }
+        }
+    };
+}
+
+/// A SQLite store in a temp dir of the test's own.
+struct SqliteOpener(tempfile::TempDir);
+
+impl SqliteOpener {
+    fn new() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
+        let dir = SqliteOpener(tempfile::tempdir().unwrap());
+        move |byte| {
+            let master = Arc::new(MasterKey::from_bytes(&[byte; 32]));
+            Ok(Arc::new(SqliteStore::open(&dir.0.path().join("k.db"), master)?) as Arc<dyn Store>)
+        }
+    }
+}
+
+/// A database of the test's own on the shared private PostgreSQL server, dropped at the end.
+struct TestDb(String);
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        support::postgres::PgServer::shared().drop_database(&self.0);
+    }
+}
+
+struct PgOpener;
+
+impl PgOpener {
+    fn new() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
+        let pg = support::postgres::PgServer::shared();
+        let db = TestDb(pg.create_test_database("conformance"));
+        move |byte| {
+            let master = Arc::new(MasterKey::from_bytes(&[byte; 32]));
+            let settings = PgSettings::from_url(&pg.url(&db.0), None, 4, Duration::from_secs(5))?;
+            Ok(Arc::new(PgStore::open(&settings, master)?) as Arc<dyn Store>)
+        }
+    }
+}
+
+suite!(sqlite, SqliteOpener::new());
+suite!(postgres, PgOpener::new());
