@@ -33,8 +33,7 @@ use crate::proxy::DataPlane;
 use crate::secret::Secret;
 use crate::server::{accept_loop, Plane, Serve};
 use crate::store::{
-    issue_first_admin_key, PgSettings, PgStore, Revisions, SqliteStore, Store, StoreError,
-    Tenant,
+    issue_first_admin_key, PgSettings, PgStore, Revisions, SqliteStore, Store, StoreError, Tenant,
 };
 use crate::tls::TlsError;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use keygate::store::{ListQuery, Role, Store};
+use keygate::store::{ListQuery, Role};
 use support::*;
 
 static NPM: Mutex<()> = Mutex::new(());

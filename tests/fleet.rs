@@ -146,10 +146,17 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
     let b_node = node(&ca, &up.url(), None, extra);
     let c_node = node(&ca, &up.url(), Some(&without_password), extra);
     let a = serve(&a_node, &[]).await;
-    let admin_key = a.stdout_lines.first().expect("A minted the first admin key").clone();
+    let admin_key = a
+        .stdout_lines
+        .first()
+        .expect("A minted the first admin key")
+        .clone();
     let b = serve(&b_node, &[("KEYGATE_STORE_URL", &with_password)]).await;
     let c = serve(&c_node, &[("PGPASSWORD", pg.password())]).await;
-    assert!(b.stdout_lines.is_empty() && c.stdout_lines.is_empty(), "one first admin key");
+    assert!(
+        b.stdout_lines.is_empty() && c.stdout_lines.is_empty(),
+        "one first admin key"
+    );
 
     // A secret written through A, a key created through A: B and C use both at once.
     let (s, _, _) = admin_call(
@@ -184,13 +191,28 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
     // A key made with the CLI (another process on the same database) works on A at once.
     let (code, out, err) = cli(
         c_node.dir.path(),
-        &["--config", c_node.config.to_str().unwrap(), "keys", "create", "--name", "cli-made"],
+        &[
+            "--config",
+            c_node.config.to_str().unwrap(),
+            "keys",
+            "create",
+            "--name",
+            "cli-made",
+        ],
         b"",
-        &[("PGPASSWORD", pg.password()), ("KEYGATE_MASTER_KEY", MASTER)],
+        &[
+            ("PGPASSWORD", pg.password()),
+            ("KEYGATE_MASTER_KEY", MASTER),
+        ],
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
-    let cli_key = out.lines().find(|l| !l.trim().is_empty()).unwrap().trim().to_owned();
+    let cli_key = out
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap()
+        .trim()
+        .to_owned();
     let cli_took = until(Duration::from_secs(2), || async {
         call(&client, &a, &up, &cli_key).await.0 == StatusCode::CREATED
     })
@@ -218,7 +240,10 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
         .await
         .unwrap_or_else(|| panic!("{name} still admits a key deleted through B after 3 s"));
         println!("fleet: a key deleted through B was refused by {name} after {took:?}");
-        assert!(took < Duration::from_secs(1), "{name}: revocation took {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{name}: revocation took {took:?}"
+        );
     }
 
     // The secret replaced through C: A and B inject the new one within 1 s.
@@ -248,7 +273,14 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
     }
     assert_no_secrets(
         &logs,
-        &[&admin_key, &key, &cli_key, SECRET_ONE, SECRET_TWO, pg.password()],
+        &[
+            &admin_key,
+            &key,
+            &cli_key,
+            SECRET_ONE,
+            SECRET_TWO,
+            pg.password(),
+        ],
     );
 }
 
@@ -259,19 +291,30 @@ async fn instances_starting_together_mint_one_admin_key_and_a_stranger_is_refuse
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let url = pg.url(&db.name);
-    let nodes: Vec<Node> = (0..3).map(|_| node(&ca, &up.url(), Some(&url), "")).collect();
-    let (a, b, c) = tokio::join!(serve(&nodes[0], &[]), serve(&nodes[1], &[]), serve(&nodes[2], &[]));
+    let nodes: Vec<Node> = (0..3)
+        .map(|_| node(&ca, &up.url(), Some(&url), ""))
+        .collect();
+    let (a, b, c) = tokio::join!(
+        serve(&nodes[0], &[]),
+        serve(&nodes[1], &[]),
+        serve(&nodes[2], &[])
+    );
     let minted: Vec<&String> = [&a, &b, &c]
         .iter()
         .flat_map(|k| k.stdout_lines.iter())
         .collect();
-    assert_eq!(minted.len(), 1, "exactly one first admin key across the fleet");
+    assert_eq!(
+        minted.len(),
+        1,
+        "exactly one first admin key across the fleet"
+    );
     assert_eq!(
         pg.psql(&db.name, "SELECT COUNT(*) FROM api_keys").trim(),
         "1"
     );
     assert_eq!(
-        pg.psql(&db.name, "SELECT COUNT(*) FROM keygate_migrations").trim(),
+        pg.psql(&db.name, "SELECT COUNT(*) FROM keygate_migrations")
+            .trim(),
         "1",
         "migrated once"
     );
@@ -291,7 +334,10 @@ async fn instances_starting_together_mint_one_admin_key_and_a_stranger_is_refuse
     .await;
     assert_ne!(code, Some(0));
     assert!(err.contains("master key does not match"), "{err}");
-    assert_eq!(pg.psql(&db.name, "SELECT n FROM revisions ORDER BY name"), before);
+    assert_eq!(
+        pg.psql(&db.name, "SELECT n FROM revisions ORDER BY name"),
+        before
+    );
     for kg in [a, b, c] {
         kg.terminate().await;
     }
@@ -322,15 +368,17 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let client = ca.client(false);
-    let extra = "[keys]\npoll_interval = \"250ms\"\nstaleness_bound = \"3s\"\ncache_ttl = \"60s\"\n";
+    let extra =
+        "[keys]\npoll_interval = \"250ms\"\nstaleness_bound = \"3s\"\ncache_ttl = \"60s\"\n";
     let n = node(&ca, &up.url(), Some(&pg.url(&db)), extra);
     let kg = serve(&n, &[]).await;
     let admin_key = kg.stdout_lines.first().expect("admin key").clone();
+    let secret_url = kg.admin_url("/v1/ai_secret");
     let put = |secret: &'static str| {
         admin_call(
             &client,
             "POST",
-            &kg.admin_url("/v1/ai_secret"),
+            &secret_url,
             Some(&admin_key),
             Some(json!({"name": "OPENAI", "secret": secret})),
         )
@@ -371,8 +419,17 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     .expect("fails closed after the staleness bound");
     let closed_after = stopped.elapsed();
     println!("fleet: PostgreSQL stopped; cached key refused (503) after {closed_after:?} (bound 3 s; polled for {closed:?})");
-    assert!(closed_after >= Duration::from_millis(2500), "{closed_after:?}");
-    let body = readyz(&client, &kg, StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1)).await;
+    assert!(
+        closed_after >= Duration::from_millis(2500),
+        "{closed_after:?}"
+    );
+    let body = readyz(
+        &client,
+        &kg,
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(1),
+    )
+    .await;
     assert_eq!(body["checks"]["key_store"]["ok"], false);
 
     // Back: everything recovers without a restart, and nothing half-written was left.
@@ -384,9 +441,16 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     })
     .await
     .expect("serves again");
-    println!("fleet: PostgreSQL back; serving again after {:?} (/readyz first, then {ok:?})", back.elapsed());
+    println!(
+        "fleet: PostgreSQL back; serving again after {:?} (/readyz first, then {ok:?})",
+        back.elapsed()
+    );
     assert_eq!(
-        pg.psql(&db, "SELECT COUNT(*) FROM api_keys WHERE name = 'during-outage'").trim(),
+        pg.psql(
+            &db,
+            "SELECT COUNT(*) FROM api_keys WHERE name = 'during-outage'"
+        )
+        .trim(),
         "0"
     );
     assert_eq!(put(SECRET_TWO).await.0, StatusCode::OK);
@@ -403,7 +467,9 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     )
     .await;
     let took = t.elapsed();
-    println!("fleet: PostgreSQL frozen; an admin write answered {s} after {took:?} (store.timeout 2 s)");
+    println!(
+        "fleet: PostgreSQL frozen; an admin write answered {s} after {took:?} (store.timeout 2 s)"
+    );
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(took < Duration::from_secs(6), "{took:?}");
     pg.thaw();
@@ -411,19 +477,32 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     assert_eq!(call(&client, &kg, &up, &key).await.0, StatusCode::CREATED);
 
     // The notification connection cut: it comes back on its own, and meanwhile polling works.
-    pg.psql(
+    let listener = || {
+        pg.psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+    };
+    let before = listener();
+    assert!(!before.trim().is_empty(), "a LISTEN connection exists");
+    let cut = pg.psql(
         "postgres",
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
     );
+    assert_eq!(cut.trim(), "t");
     let relistened = until(Duration::from_secs(10), || async {
+        let now = listener();
         let (_, _, v) = admin_call(&client, "GET", &kg.admin_url("/readyz"), None, None).await;
-        v["checks"]["key_store"]["notifications"] == true
+        !now.trim().is_empty() && now != before && v["checks"]["key_store"]["notifications"] == true
     })
     .await
     .expect("the listener reconnects");
     println!("fleet: notification connection cut; listening again after at most {relistened:?}");
 
     let (_, log) = kg.terminate().await;
-    assert_no_secrets(&[log], &[&admin_key, &key, SECRET_ONE, SECRET_TWO, pg.password()]);
+    assert_no_secrets(
+        &[log],
+        &[&admin_key, &key, SECRET_ONE, SECRET_TWO, pg.password()],
+    );
     pg.drop_database(&db);
 }

@@ -558,7 +558,6 @@ async fn set_headers_come_from_org_env_vars_and_follow_their_changes() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "route templated has no credential configured");
     let (_, store) = kg.store();
-    use keygate::store::Store;
     let org = store.tenant().unwrap().org_id;
     let env_url = kg.admin_url("/v1/env_var");
     let mut ids = Vec::new();
@@ -642,7 +641,7 @@ fn env_var(
 
 #[tokio::test]
 async fn keygate_run_injects_scope_env_passes_exit_codes_and_forwards_signals() {
-    use keygate::store::{ObjectType, Store};
+    use keygate::store::ObjectType;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("k.toml"), "").unwrap();
     let (_, store) = keygate::app::open_store(

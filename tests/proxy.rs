@@ -110,7 +110,6 @@ async fn every_401_is_identical_and_never_reaches_the_upstream() {
     // Let the revoked key be cached as valid first, then delete it.
     let (s, _, _) = send(&client, get(&kg.url("/"), &[("x-api-key", &revoked)])).await;
     assert_eq!(s, StatusCode::CREATED);
-    use keygate::store::Store;
     store.delete_api_key(None, &revoked_id).unwrap();
     // The poller has seen the new keys revision: the cached entry is stale.
     let stale = || kg.state().plane.keys.cached(&revoked).is_none();
@@ -387,7 +386,6 @@ async fn unrouted_paths_get_404_and_missing_secrets_503() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"].is_string());
     let (_, store) = kg.store();
-    use keygate::store::Store;
     let org = store.tenant().unwrap().org_id;
     store
         .delete_ai_secret(&org, keygate::store::SecretRef::Name("K"))
@@ -527,7 +525,6 @@ async fn cleartext_http_gets_a_plain_400_and_a_leaked_key_is_flagged() {
         "a cleartext request was forwarded"
     );
     let (_, store) = kg.store();
-    use keygate::store::Store;
     let org = store.tenant().unwrap().org_id;
     let keys = store
         .list_api_keys(&keygate::store::ListQuery::all(&org, 100))

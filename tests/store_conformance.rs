@@ -66,19 +66,35 @@ fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
     s.flag_exposed(&rec.id).unwrap();
     let got = s.get_api_key(&t.org_id, &rec.id).unwrap().unwrap();
     assert!(got.exposed.is_some());
-    assert_eq!(s.revisions().unwrap().keys, r1.keys, "flag_exposed moved the keys revision");
+    assert_eq!(
+        s.revisions().unwrap().keys,
+        r1.keys,
+        "flag_exposed moved the keys revision"
+    );
 
     // A quota change does.
     let limit = keygate::config::LimitSpec::new(2.5, 7);
-    let limited = s.set_api_key_limit(&t.org_id, &rec.id, limit).unwrap().unwrap();
+    let limited = s
+        .set_api_key_limit(&t.org_id, &rec.id, limit)
+        .unwrap()
+        .unwrap();
     assert_eq!(limited.limit, limit);
     assert!(s.revisions().unwrap().keys > r1.keys);
-    assert!(s.set_api_key_limit(&t.org_id, "nope", None).unwrap().is_none());
+    assert!(s
+        .set_api_key_limit(&t.org_id, "nope", None)
+        .unwrap()
+        .is_none());
 
-    assert!(s.delete_api_key(Some("other-org"), &rec.id).unwrap().is_none());
+    assert!(s
+        .delete_api_key(Some("other-org"), &rec.id)
+        .unwrap()
+        .is_none());
     let r2 = s.revisions().unwrap();
     assert_eq!(
-        s.delete_api_key(Some(&t.org_id), &rec.id).unwrap().unwrap().id,
+        s.delete_api_key(Some(&t.org_id), &rec.id)
+            .unwrap()
+            .unwrap()
+            .id,
         rec.id
     );
     assert!(s.revisions().unwrap().keys > r2.keys);
@@ -159,7 +175,11 @@ fn secrets_follow_the_write_modes(open: &Open) {
     assert!(s.revisions().unwrap().secrets > r0.secrets);
     assert_eq!(a.preview_secret.as_deref(), Some("****-123"));
     assert_eq!(
-        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        s.ai_secret_value(&org, "OPENAI")
+            .unwrap()
+            .unwrap()
+            .1
+            .expose(),
         "upstream-secret-value-123"
     );
     let write = |mode, ty: &str, meta: Option<serde_json::Value>, value: Option<&str>| {
@@ -176,14 +196,21 @@ fn secrets_follow_the_write_modes(open: &Open) {
         .unwrap()
     };
     // POST on an existing name returns it unmodified.
-    assert_eq!(write(WriteMode::CreateOrGet, "other", None, Some("ignored")), a);
+    assert_eq!(
+        write(WriteMode::CreateOrGet, "other", None, Some("ignored")),
+        a
+    );
     // PUT replaces the fields; an omitted value keeps the stored one.
     let meta = serde_json::json!({"a": {"x": 1}, "b": 2});
     let b = write(WriteMode::Replace, "azure", Some(meta), None);
     assert_eq!(b.id, a.id);
     assert_eq!(b.secret_type.as_deref(), Some("azure"));
     assert_eq!(
-        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        s.ai_secret_value(&org, "OPENAI")
+            .unwrap()
+            .unwrap()
+            .1
+            .expose(),
         "upstream-secret-value-123"
     );
     // PATCH deep-merges metadata and renames; a taken name is a conflict.
@@ -210,7 +237,11 @@ fn secrets_follow_the_write_modes(open: &Open) {
         serde_json::json!({"a": {"x": 1, "y": 2}, "b": 2})
     );
     assert_eq!(
-        s.ai_secret_value(&org, "OPENAI").unwrap().unwrap().1.expose(),
+        s.ai_secret_value(&org, "OPENAI")
+            .unwrap()
+            .unwrap()
+            .1
+            .expose(),
         "patched-value-9876"
     );
     let taken = s.patch_ai_secret(
@@ -256,22 +287,46 @@ fn env_vars_scope_and_stamping_is_not_a_change(open: &Open) {
         )
         .unwrap()
     };
-    let org_var = write(ObjectType::Organization, &org, "REGION", "eu", WriteMode::CreateOrGet);
-    let p = write(ObjectType::Project, "p1", "REGION", "us", WriteMode::CreateOrGet);
-    assert_eq!(
-        write(ObjectType::Project, "p1", "REGION", "ignored", WriteMode::CreateOrGet).id,
-        p.id
+    let org_var = write(
+        ObjectType::Organization,
+        &org,
+        "REGION",
+        "eu",
+        WriteMode::CreateOrGet,
     );
-    write(ObjectType::Project, "p1", "REGION", "ap", WriteMode::Replace);
-    let env = keygate::store::scope_env(
-        s.as_ref(),
-        (&org, &t.org_name),
+    let p = write(
         ObjectType::Project,
         "p1",
-    )
-    .unwrap();
+        "REGION",
+        "us",
+        WriteMode::CreateOrGet,
+    );
+    assert_eq!(
+        write(
+            ObjectType::Project,
+            "p1",
+            "REGION",
+            "ignored",
+            WriteMode::CreateOrGet
+        )
+        .id,
+        p.id
+    );
+    write(
+        ObjectType::Project,
+        "p1",
+        "REGION",
+        "ap",
+        WriteMode::Replace,
+    );
+    let env = keygate::store::scope_env(s.as_ref(), (&org, &t.org_name), ObjectType::Project, "p1")
+        .unwrap();
     assert_eq!(env.len(), 1);
-    assert_eq!(env[0].1.expose(), "ap", "the project's value wins over the org's");
+    assert_eq!(
+        env[0].1.expose(),
+        "ap",
+        "the project's value wins over the org's"
+    );
     let listed = s
         .list_env_vars(
             &ListQuery::all(&org, 10),
@@ -292,7 +347,13 @@ fn env_vars_scope_and_stamping_is_not_a_change(open: &Open) {
         "stamping `used` moved the env_vars revision"
     );
     // Renaming onto a taken name is a conflict; a free one works and moves the revision.
-    write(ObjectType::Project, "p1", "OTHER", "x", WriteMode::CreateOrGet);
+    write(
+        ObjectType::Project,
+        "p1",
+        "OTHER",
+        "x",
+        WriteMode::CreateOrGet,
+    );
     assert!(matches!(
         s.patch_env_var(&org, &p.id, "OTHER", None),
         Err(StoreError::Conflict(_))
@@ -382,7 +443,7 @@ macro_rules! suite {
 struct SqliteOpener(tempfile::TempDir);
 
 impl SqliteOpener {
-    fn new() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
+    fn opener() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
         let dir = SqliteOpener(tempfile::tempdir().unwrap());
         move |byte| {
             let master = Arc::new(MasterKey::from_bytes(&[byte; 32]));
@@ -403,7 +464,7 @@ impl Drop for TestDb {
 struct PgOpener;
 
 impl PgOpener {
-    fn new() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
+    fn opener() -> impl Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync {
         let pg = support::postgres::PgServer::shared();
         let db = TestDb(pg.create_test_database("conformance"));
         move |byte| {
@@ -414,5 +475,5 @@ impl PgOpener {
     }
 }
 
-suite!(sqlite, SqliteOpener::new());
-suite!(postgres, PgOpener::new());
+suite!(sqlite, SqliteOpener::opener());
+suite!(postgres, PgOpener::opener());

@@ -189,9 +189,7 @@ impl Sealed {
 impl Sealer {
     /// The sealed bytes of `value` for the object `id`.
     pub fn seal(&self, kind: Sealed, id: &str, value: &Secret) -> Result<Vec<u8>, StoreError> {
-        Ok(self
-            .0
-            .seal(&kind.context(id), value.expose().as_bytes())?)
+        Ok(self.0.seal(&kind.context(id), value.expose().as_bytes())?)
     }
 
     /// The value sealed for the object `id`.

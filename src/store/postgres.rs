@@ -30,13 +30,13 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::common::{
     cursor_of_deleted, fingerprint_missing, key_uid, limit_columns, limit_from, metadata_from,
-    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret,
-    plan_secret_write, routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
+    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret, plan_secret_write,
+    routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
 };
 use super::{
     AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter, EnvVarRecord,
-    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile,
-    Revisions, Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
+    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile, Revisions,
+    Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
 };
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
@@ -211,7 +211,7 @@ impl PgSettings {
             )
         })?;
         if config.get_user().is_none() {
-            config.user(&std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()));
+            config.user(std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()));
         }
         if config.get_password().is_none() {
             if let Some(p) = std::env::var("PGPASSWORD")
@@ -402,7 +402,6 @@ impl PgStore {
                 })
         })
     }
-
 }
 
 /// Runs `$body` in one transaction on a pooled connection, `$tx` naming the transaction, and
@@ -535,8 +534,7 @@ async fn listen_once(
     up: &AtomicBool,
     backoff: &mut Duration,
 ) -> StoreError {
-    let connected =
-        tokio::time::timeout(Duration::from_secs(10), config.connect(tls)).await;
+    let connected = tokio::time::timeout(Duration::from_secs(10), config.connect(tls)).await;
     let (client, mut connection) = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return e.into(),
@@ -712,7 +710,10 @@ async fn cursor_position(
     id: &str,
 ) -> Result<(String, String), StoreError> {
     let found = c
-        .query_opt(&format!("SELECT created FROM {table} WHERE id = $1"), &[&id])
+        .query_opt(
+            &format!("SELECT created FROM {table} WHERE id = $1"),
+            &[&id],
+        )
         .await?;
     match found {
         Some(r) => Ok((r.try_get(0)?, id.to_owned())),
@@ -788,8 +789,8 @@ impl KeyLookup for PgStore {
                 limit: limit_from(row.try_get(7)?, row.try_get(8)?),
             }),
         };
-        let matches = KeyDigest::try_from(stored)
-            .is_ok_and(|s| crate::crypto::digests_equal(&s, digest));
+        let matches =
+            KeyDigest::try_from(stored).is_ok_and(|s| crate::crypto::digests_equal(&s, digest));
         Ok((matches.then_some(principal), rev.max(0) as u64))
     }
 }
@@ -955,7 +956,15 @@ impl Store for PgStore {
         }
         self.run(async {
             let c = self.pool.get().await?;
-            list_page(&**c, "ai_secrets", SECRET_COLUMNS, q, extra, secret_from_row).await
+            list_page(
+                &**c,
+                "ai_secrets",
+                SECRET_COLUMNS,
+                q,
+                extra,
+                secret_from_row,
+            )
+            .await
         })
     }
 
@@ -1030,7 +1039,9 @@ impl Store for PgStore {
             }
             one(tx, &by_name, &[&org_id, &w.name], secret_from_row)
                 .await?
-                .ok_or_else(|| StoreError::Corrupt("ai_secret vanished inside its transaction".into()))
+                .ok_or_else(|| {
+                    StoreError::Corrupt("ai_secret vanished inside its transaction".into())
+                })
         })
     }
 
@@ -1230,11 +1241,8 @@ impl Store for PgStore {
                 if taken.is_some() {
                     return Err(name_taken("env_var", name));
                 }
-                tx.execute(
-                    "UPDATE env_vars SET name = $2 WHERE id = $1",
-                    &[&id, &name],
-                )
-                .await?;
+                tx.execute("UPDATE env_vars SET name = $2 WHERE id = $1", &[&id, &name])
+                    .await?;
             }
             if let Some(v) = &value {
                 let sealed = sealer.seal(Sealed::EnvVar, id, v)?;
@@ -1364,8 +1372,13 @@ mod tests {
         .unwrap();
         assert_eq!(s.location(), "db.internal:6543/kg");
         assert!(!format!("{s:?}").contains("Sup3rSecretPw"));
-        let err = PgSettings::from_url("postgres://a:Sup3rSecretPw@h:notaport/x", None, 4, Duration::from_secs(1))
-            .unwrap_err();
+        let err = PgSettings::from_url(
+            "postgres://a:Sup3rSecretPw@h:notaport/x",
+            None,
+            4,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(!err.to_string().contains("Sup3rSecretPw"), "{err}");
     }
 }

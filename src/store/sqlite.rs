@@ -15,13 +15,13 @@ use rusqlite::{
 
 use super::common::{
     cursor_of_deleted, fingerprint_missing, key_uid, limit_columns, limit_from, metadata_from,
-    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret,
-    plan_secret_write, routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
+    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret, plan_secret_write,
+    routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
 };
 use super::{
     AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter, EnvVarRecord,
-    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile,
-    Revisions, Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
+    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile, Revisions,
+    Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
 };
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
@@ -318,9 +318,6 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     })
 }
 
-
-
-
 const SECRET_COLUMNS: &str =
     "id, created, updated_at, org_id, name, type, metadata, preview_secret";
 
@@ -352,7 +349,6 @@ fn env_from_row(r: &Row<'_>) -> rusqlite::Result<EnvVarRecord> {
         used: r.get(6)?,
     })
 }
-
 
 fn one<T>(
     conn: &Connection,

@@ -538,9 +538,7 @@ impl Keygate {
     }
 
     /// The store, opened as the CLI would (a second connection).
-    pub fn store(
-        &self,
-    ) -> (Arc<keygate::crypto::MasterKey>, Arc<dyn Store>) {
+    pub fn store(&self) -> (Arc<keygate::crypto::MasterKey>, Arc<dyn Store>) {
         let text = std::fs::read_to_string(&self.config_path).unwrap();
         let config = Config::parse(&text, "test").unwrap();
         app::open_store(&config, None).unwrap()
