@@ -477,3 +477,28 @@ impl PgOpener {
 
 suite!(sqlite, SqliteOpener::opener());
 suite!(postgres, PgOpener::opener());
+
+/// TLS to PostgreSQL: the server's certificate is verified against the system roots plus
+/// `store.ca_file`; there is no way to skip it.
+#[test]
+fn postgres_over_tls_verifies_the_server_certificate() {
+    let ca = support::TestCa::new();
+    let pg = support::postgres::PgServer::start_with_tls(&ca.ca);
+    let db = pg.create_test_database("tls");
+    let url = format!("{}?sslmode=require", pg.url(&db));
+    let open = |ca_file: Option<std::path::PathBuf>| {
+        let settings = PgSettings::from_url(&url, ca_file, 2, Duration::from_secs(5))?;
+        PgStore::open(&settings, Arc::new(MasterKey::from_bytes(&[1; 32])))
+    };
+    let trusted = open(Some(ca.ca_file.clone())).expect("TLS with the CA trusted");
+    assert!(trusted.tenant().is_ok());
+    drop(trusted);
+    let err = open(None)
+        .err()
+        .expect("an untrusted certificate is refused");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(pg.password()));
+}

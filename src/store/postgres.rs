@@ -148,8 +148,9 @@ impl From<tokio_postgres::Error> for StoreError {
                 _ => StoreError::Backend(msg),
             };
         }
-        // No answer from the database: the connection failed, closed, or timed out.
-        StoreError::Unavailable(e.to_string())
+        // No answer from the database: the connection failed, closed, or timed out. The
+        // sources say why (refused, TLS certificate unknown); none carries the password.
+        StoreError::Unavailable(crate::error::chain(&e))
     }
 }
 
