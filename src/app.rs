@@ -101,6 +101,8 @@ pub struct AppState {
     /// go into a blocking task and be handed to `write_credentials`.
     credentials_writer: Arc<tokio::sync::Mutex<()>>,
     pub reload_status: std::sync::Mutex<ReloadStatus>,
+    /// Why the store poller's last read failed; `None` once a read succeeds. For `/readyz`.
+    pub store_error: std::sync::Mutex<Option<String>>,
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
     pub store: Arc<dyn Store>,
@@ -487,6 +489,7 @@ pub async fn start(
         reloading: tokio::sync::Mutex::new(()),
         credentials_writer: Arc::default(),
         reload_status: std::sync::Mutex::default(),
+        store_error: std::sync::Mutex::default(),
         tenant,
         store,
         plane: DataPlane {
@@ -598,9 +601,11 @@ async fn poll_store(
                 if failing {
                     tracing::info!("key store readable again");
                     failing = false;
+                    *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
             Err(e) => {
+                *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 if !failing {
                     tracing::error!(error = %e, "cannot read the key store; requests fail closed after the staleness bound");
                     failing = true;

@@ -37,6 +37,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
                 "ok": store_ok,
                 "backend": store.backend,
                 "notifications": store.notifications,
+                "last_error": *state.store_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "last_read_seconds_ago": (staleness.as_secs_f64() * 1000.0).round() / 1000.0,
                 "bound_seconds": bound.as_secs_f64(),
             },
