@@ -5,6 +5,7 @@
 
 pub mod h2raw;
 pub mod harness;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
