@@ -105,7 +105,7 @@ impl RedisLink {
             tracing::info!(redis = %link.url, "per-key and per-route quotas are kept in Redis");
         } else {
             tracing::warn!(redis = %link.url,
-                "Redis does not answer; each instance enforces the quotas alone until it does");
+                "Redis is not usable (unreachable, not answering, or refusing the credentials); each instance enforces the quotas alone until it is");
         }
         Ok(link)
     }
