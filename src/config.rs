@@ -303,6 +303,10 @@ impl RedisUrl {
             return Err(SHAPE);
         }
         let parsed = redis::parse_redis_url(text).ok_or(SHAPE)?;
+        if parsed.fragment().is_some() {
+            // The client reads `#insecure` as "skip certificate verification".
+            return Err("must not have a #fragment (no switch skips TLS verification)");
+        }
         if parsed.host_str().is_none_or(str::is_empty)
             || redis::IntoConnectionInfo::into_connection_info(text).is_err()
         {

@@ -471,6 +471,7 @@ mod tests {
             "http://:pw-SENTINEL@h:1/0",
             "redis://:pw-SENTINEL@/0",
             "redis://:pw-SENTINEL@h:1/notadb",
+            "rediss://:pw-SENTINEL@h:1/0#insecure",
         ] {
             let text = format!("[limits]\nbackend = \"redis\"\nredis_url = \"{bad}\"\n");
             let e = parse(&text, None).unwrap_err();
@@ -501,5 +502,37 @@ mod tests {
         assert!(local.check(1, None, 0).await.is_ok());
         let r = local.check(1, None, 0).await.unwrap_err();
         assert_eq!((r.policy, r.retry_after), ("default", 1));
+    }
+
+    /// `rediss://` goes through rustls with ring (the only provider built in): a TLS handshake
+    /// with a peer that hangs up fails as an unusable Redis, not a panic.
+    #[tokio::test]
+    async fn rediss_uses_the_ring_provider() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = accepted.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let cfg = RedisLimits {
+            url: RedisUrl::parse(crate::secret::Secret::new(format!(
+                "rediss://localhost:{port}/0"
+            )))
+            .unwrap(),
+            prefix: "t:".into(),
+        };
+        let link = RedisLink::start(&cfg, Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+        assert!(link.degraded());
+        assert!(
+            accepted.load(Ordering::SeqCst) > 0,
+            "no TLS connection attempted"
+        );
+        server.abort();
     }
 }
