@@ -666,3 +666,25 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limits_backend_changes_only_with_a_restart() {
+        let local = Config::parse("", "t").unwrap();
+        let redis = Config::parse_with_env(
+            "[limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/0\"\n",
+            "t",
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            restart_only_changes(&local, &redis),
+            ["limits.backend (and redis_url, redis_prefix)"]
+        );
+        let quotas = Config::parse("[limits]\ndefault = { per_second = 1, burst = 1 }\n", "t");
+        assert!(restart_only_changes(&local, &quotas.unwrap()).is_empty());
+    }
+}

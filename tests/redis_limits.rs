@@ -378,6 +378,20 @@ async fn redis_down_means_local_limits_and_back_up_means_global_again() {
         metrics.lines().any(|l| l == "keygate_limiter_degraded 1"),
         "{metrics}"
     );
+    let readyz = format!(
+        "https://127.0.0.1:{}/readyz",
+        fleet.instances[0].admin_addr.port()
+    );
+    let (s, _, ready) = admin_call(&client, "GET", &readyz, None, None).await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "degraded limits are not a readiness failure: {ready}"
+    );
+    assert_eq!(
+        ready["limits"],
+        serde_json::json!({"backend": "redis", "degraded": true})
+    );
 
     // Back: within a few seconds every instance uses Redis again, and the quota is global.
     redis.restart();
@@ -386,6 +400,8 @@ async fn redis_down_means_local_limits_and_back_up_means_global_again() {
     })
     .await;
     println!("Redis restarted: both instances global again after {took:?}");
+    let (_, _, ready) = admin_call(&client, "GET", &readyz, None, None).await;
+    assert_eq!(ready["limits"]["degraded"], false);
     let key = fleet.key(None);
     let (a, b) = (statuses(key.clone(), 0, 4).await, statuses(key, 1, 4).await);
     assert_eq!(admitted(&a) + admitted(&b), 5, "{a:?} {b:?}");
