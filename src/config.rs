@@ -796,7 +796,7 @@ impl Check<'_> {
     }
 }
 
-fn validate(mut raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     let c = Check { origin };
     let listen = Listen {
         proxy: c.addr("listen.proxy", raw.listen.proxy, "127.0.0.1:8443")?,
@@ -952,7 +952,7 @@ fn validate(mut raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         default: c.limit("limits.default", raw.limits.default, (10.0, 20))?,
         auth_failures: c.limit("limits.auth_failures", raw.limits.auth_failures, (10.0, 20))?,
         admin: c.limit("limits.admin", raw.limits.admin, (20.0, 40))?,
-        backend: limits_backend(&c, &mut raw.limits)?,
+        backend: limits_backend(&c, &raw.limits)?,
     };
     let mut routes = Vec::with_capacity(raw.route.len());
     for (i, r) in raw.route.into_iter().enumerate() {
@@ -992,10 +992,10 @@ fn validate(mut raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
 }
 
 /// `limits.backend` and the Redis settings that go with it.
-fn limits_backend(c: &Check<'_>, raw: &mut RawLimits) -> Result<LimitsBackend, ConfigError> {
-    let url = raw.redis_url.take();
-    let from_env = raw.redis_url_env.take();
-    let prefix = raw.redis_prefix.take();
+fn limits_backend(c: &Check<'_>, raw: &RawLimits) -> Result<LimitsBackend, ConfigError> {
+    let url = raw.redis_url.clone();
+    let from_env = raw.redis_url_env.clone();
+    let prefix = raw.redis_prefix.clone();
     match raw.backend.as_deref() {
         None | Some("local") => {
             if url.is_some() || prefix.is_some() {
