@@ -70,6 +70,10 @@ class Tiers:
             tls = f'cert = "{self.certs}/server.pem"\nkey = "{self.certs}/server-key.pem"'
             h2 = "true" if self.args.keygate_upstream == "h2" else "false"
             upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
+        # --keygate-redis: the per-key quotas in a Redis (fleet mode); one script per request.
+        redis = getattr(self.args, "keygate_redis", None)
+        fleet = (f'backend = "redis"\nredis_url = "{redis}"\nredis_prefix = "keygate-bench:"\n'
+                 if redis else "")
         path.write_text(f"""# written by benches/compare.py
 [listen]
 proxy = "127.0.0.1:{proxy}"
@@ -89,7 +93,7 @@ cache_ttl = "1h"      # the run is <= 20 min: no mass expiry of the 10,000 warme
 [limits]
 default = {{ per_second = 1000, burst = 2000 }}
 admin = {{ per_second = 100000, burst = 100000 }}
-
+{fleet}
 [server]
 worker_threads = 1
 max_connections = 20000

@@ -46,6 +46,12 @@ pub fn readyz(state: &AppState) -> Response<Body> {
                 "expires_unix": live.cert_not_after,
             },
         },
+        // Not a readiness check: while Redis is away each instance limits on its own. The
+        // Redis URL is not shown (it may hold a password).
+        "limits": {
+            "backend": if state.fleet.is_some() { "redis" } else { "local" },
+            "degraded": state.fleet.as_ref().is_some_and(|f| f.degraded()),
+        },
         "config": {
             "generation": live.generation,
             "routes": live.config.routes.len(),
