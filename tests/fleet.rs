@@ -431,8 +431,13 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     )
     .await;
     assert_eq!(body["checks"]["key_store"]["ok"], false);
-    let why = body["checks"]["key_store"]["last_error"].as_str().unwrap_or_default();
-    assert!(why.contains("store unavailable"), "/readyz says why: {body}");
+    let why = body["checks"]["key_store"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("store unavailable"),
+        "/readyz says why: {body}"
+    );
     assert!(!why.contains(pg.password()));
 
     // Back: everything recovers without a restart, and nothing half-written was left.
@@ -508,4 +513,186 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
         &[&admin_key, &key, SECRET_ONE, SECRET_TWO, pg.password()],
     );
     pg.drop_database(&db);
+}
+
+/// Hammers `key` through every instance from `per_instance` connections each for `secs`, every
+/// connection opened (with a request of `warm`) before the clock starts; returns (201s, 429s,
+/// anything else).
+async fn hammer(
+    ca: &TestCa,
+    fleet: &[&KeygateProcess],
+    (key, warm): (&str, &str),
+    per_instance: usize,
+    secs: f64,
+) -> (u64, u64, u64) {
+    let ready = std::sync::Arc::new(tokio::sync::Barrier::new(fleet.len() * per_instance + 1));
+    let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
+    let mut tasks = Vec::new();
+    for kg in fleet {
+        for _ in 0..per_instance {
+            let client = ca.client(false);
+            let (url, warm_req) = (
+                kg.url("/v1/hammer"),
+                get(&kg.url("/v1/warm"), &[("x-api-key", warm)]),
+            );
+            let (key, ready, mut start_rx) = (key.to_owned(), ready.clone(), start_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                assert_eq!(send(&client, warm_req).await.0, StatusCode::CREATED);
+                ready.wait().await;
+                let end = loop {
+                    if let Some(end) = *start_rx.borrow_and_update() {
+                        break end;
+                    }
+                    start_rx.changed().await.unwrap();
+                };
+                let mut got = [0u64; 3];
+                while Instant::now() < end {
+                    let (s, _, _) = send(&client, get(&url, &[("x-api-key", &key)])).await;
+                    got[match s {
+                        StatusCode::CREATED => 0,
+                        StatusCode::TOO_MANY_REQUESTS => 1,
+                        _ => 2,
+                    }] += 1;
+                }
+                got
+            }));
+        }
+    }
+    ready.wait().await;
+    start_tx
+        .send(Some(Instant::now() + Duration::from_secs_f64(secs)))
+        .unwrap();
+    let mut total = [0u64; 3];
+    for t in tasks {
+        for (sum, n) in total.iter_mut().zip(t.await.unwrap()) {
+            *sum += n;
+        }
+    }
+    (total[0], total[1], total[2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis_loss() {
+    let pg = PgServer::shared();
+    let db = TestDb::new("fleet_quota");
+    let mut redis = support::redis::RedisServer::start();
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let client = ca.client(false);
+    let extra = format!(
+        "[limits]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_prefix = \"{}:\"\n\
+         default = {{ per_second = 100, burst = 30 }}\n",
+        redis.url(),
+        db.name
+    );
+    let nodes: Vec<Node> = (0..3)
+        .map(|_| node(&ca, &up.url(), Some(&pg.url(&db.name)), &extra))
+        .collect();
+    let a = serve(&nodes[0], &[]).await;
+    let admin_key = a.stdout_lines.first().expect("admin key").clone();
+    let b = serve(&nodes[1], &[]).await;
+    let c = serve(&nodes[2], &[]).await;
+    let (s, _, _) = admin_call(
+        &client,
+        "POST",
+        &a.admin_url("/v1/ai_secret"),
+        Some(&admin_key),
+        Some(json!({"name": "OPENAI", "secret": SECRET_ONE})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut make_key = async |name: &str| -> String {
+        let (_, _, v) = admin_call(
+            &client,
+            "POST",
+            &a.admin_url("/v1/api_key"),
+            Some(&admin_key),
+            Some(json!({ "name": name })),
+        )
+        .await;
+        v["key"].as_str().unwrap().to_owned()
+    };
+    let (key, warm) = (make_key("hammered").await, make_key("warm").await);
+    up.requests.lock().unwrap().clear();
+
+    // One quota for the fleet: rate × t + burst within ± 2 %.
+    let secs = 4.0;
+    let (admitted, refused, other) = hammer(&ca, &[&a, &b, &c], (&key, &warm), 3, secs).await;
+    let want = 100.0 * secs + 30.0;
+    let off = (admitted as f64 - want) / want * 100.0;
+    println!(
+        "fleet: 3 processes, one key at 100/s burst 30 hammered {secs} s: admitted {admitted} \
+         (want {want}, {off:+.2} %), refused {refused}"
+    );
+    assert_eq!(other, 0, "only 201 and 429");
+    assert!(
+        refused > admitted,
+        "hammered hard enough: {refused} refusals"
+    );
+    assert!(off.abs() <= 2.0, "admitted {admitted}, want {want} ± 2 %");
+    let forwarded = up
+        .recorded()
+        .iter()
+        .filter(|r| r.uri.path() == "/v1/hammer")
+        .count() as u64;
+    assert_eq!(
+        forwarded, admitted,
+        "the upstream saw exactly the admitted requests"
+    );
+
+    // Redis stopped: every instance limits locally at once (never 5xx, never unlimited).
+    redis.stop();
+    let fresh = make_key("during-redis-outage").await;
+    for kg in [&a, &b, &c] {
+        let mut statuses = Vec::new();
+        let t = Instant::now();
+        for _ in 0..100 {
+            let (s, _, _) =
+                send(&client, get(&kg.url("/v1/local"), &[("x-api-key", &fresh)])).await;
+            statuses.push(s.as_u16());
+        }
+        let took = t.elapsed().as_secs_f64();
+        assert!(
+            statuses.iter().all(|s| *s == 201 || *s == 429),
+            "{statuses:?}"
+        );
+        let admitted = statuses.iter().filter(|s| **s == 201).count() as f64;
+        let most = 30.0 + 100.0 * took + 1.0;
+        println!("fleet: Redis stopped; 100 requests on one instance in {took:.3} s: {admitted} admitted by the local limiter, the rest 429");
+        assert!(
+            (30.0..=most).contains(&admitted),
+            "the local limiter holds the quota: {admitted} admitted in {took:.3} s (at most {most:.0})"
+        );
+        let (_, _, metrics) = send(&client, get(&kg.admin_url("/metrics"), &[])).await;
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        assert!(
+            metrics.lines().any(|l| l == "keygate_limiter_degraded 1"),
+            "{metrics}"
+        );
+    }
+
+    // Back: global again within a few seconds, without a restart.
+    redis.restart();
+    let back = until(Duration::from_secs(10), || async {
+        let mut all = true;
+        for kg in [&a, &b, &c] {
+            let (_, _, m) = send(&client, get(&kg.admin_url("/metrics"), &[])).await;
+            all &= String::from_utf8_lossy(&m)
+                .lines()
+                .any(|l| l == "keygate_limiter_degraded 0");
+        }
+        all
+    })
+    .await
+    .expect("every instance is back on Redis");
+    println!("fleet: Redis restarted; all three instances global again after {back:?}");
+
+    let mut logs = Vec::new();
+    for kg in [a, b, c] {
+        logs.push(kg.terminate().await.1);
+    }
+    assert_no_secrets(
+        &logs,
+        &[&admin_key, &key, &warm, &fresh, SECRET_ONE, pg.password()],
+    );
 }
