@@ -493,9 +493,7 @@ fn postgres_over_tls_verifies_the_server_certificate() {
     let trusted = open(Some(ca.ca_file.clone())).expect("TLS with the CA trusted");
     assert!(trusted.tenant().is_ok());
     drop(trusted);
-    let err = open(None)
-        .err()
-        .expect("an untrusted certificate is refused");
+    let err = open(None).expect_err("an untrusted certificate is refused");
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
