@@ -601,7 +601,7 @@ async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis
     )
     .await;
     assert_eq!(s, StatusCode::OK);
-    let mut make_key = async |name: &str| -> String {
+    let make_key = async |name: &str| -> String {
         let (_, _, v) = admin_call(
             &client,
             "POST",
