@@ -15,7 +15,7 @@ use keygate::app::{self, Running};
 use keygate::config::{Config, LimitSpec};
 use keygate::proxy::limit::fleet::{FleetQuotas, RedisLink};
 use keygate::proxy::limit::{Limiters, Quotas};
-use keygate::store::{issue_key, KeyOptions, Role, Store};
+use keygate::store::{issue_key, KeyOptions, Role};
 use support::redis::RedisServer;
 use support::*;
 
