@@ -130,7 +130,15 @@ pub fn pid_path(config: &Config) -> PathBuf {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    dir.join("keygate.pid")
+    // Instances of a fleet on one machine share no SQLite file but may share this directory:
+    // each names its pid file after its admin port.
+    let shared_store = config.store.url.is_some()
+        || std::env::var_os("KEYGATE_STORE_URL").is_some_and(|u| !u.is_empty());
+    if shared_store {
+        dir.join(format!("keygate-{}.pid", config.listen.admin.port()))
+    } else {
+        dir.join("keygate.pid")
+    }
 }
 
 /// The pid file of a running `serve`; removed when dropped.
@@ -138,6 +146,9 @@ struct PidFile(Option<PathBuf>);
 
 impl PidFile {
     fn write(path: &Path) -> PidFile {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
         match std::fs::write(path, format!("{}\n", std::process::id())) {
             Ok(()) => PidFile(Some(path.to_path_buf())),
             Err(e) => {

@@ -428,6 +428,9 @@ macro_rules! in_tx {
 
 async fn migrate(c: &mut Client, fingerprint: &[u8; 32]) -> Result<(), StoreError> {
     let tx = c.transaction().await?;
+    // "already exists, skipping" notices are expected here, not news for the log.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     // Instances starting together queue here; the first migrates, the others find it done.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
