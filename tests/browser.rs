@@ -48,16 +48,7 @@ fn ensure_browser() -> String {
     let path = std::env::var("KG_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let certutil = Path::new("/usr/bin/certutil");
     if !Path::new(&path).exists() || !certutil.exists() {
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let ok =
-            apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "chromium", "libnss3-tools"]);
+        let ok = support::apt_install(&["chromium", "libnss3-tools"]);
         assert!(
             ok && Path::new(&path).exists(),
             "{path} or certutil is missing and apt-get could not install them: \

@@ -103,6 +103,46 @@ fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
     assert_eq!(s.count_api_keys().unwrap(), 0);
 }
 
+fn thousands_of_keys_in_one_call_keep_their_order(open: &Open) {
+    let s = open(1).unwrap();
+    let t = s.tenant().unwrap();
+    let digest = |i: u32| {
+        let mut d = [7u8; 32];
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        d
+    };
+    // More than one PostgreSQL chunk (5,000).
+    let n = 12_000u32;
+    let new: Vec<NewApiKey> = (0..n)
+        .map(|i| NewApiKey {
+            org_id: t.org_id.clone(),
+            user_id: t.user_id.clone(),
+            name: format!("bulk-{i}"),
+            role: Role::Proxy,
+            digest: digest(i),
+            preview_name: "sk-****".into(),
+            routes: (i % 2 == 0).then(|| vec!["chat".to_owned()]),
+            limit: keygate::config::LimitSpec::new(f64::from(i % 7 + 1), 3),
+        })
+        .collect();
+    let made = s.create_api_keys(new).unwrap();
+    assert_eq!(made.len(), n as usize);
+    for i in [0, 1, 4_999, 5_000, 11_999] {
+        let rec = &made[i as usize];
+        assert_eq!(
+            rec.name,
+            format!("bulk-{i}"),
+            "records come back in the order given"
+        );
+        let (p, _) = s.principal_by_digest(&digest(i)).unwrap();
+        let p = p.expect("found by digest");
+        assert_eq!(p.key_id(), rec.id);
+        assert_eq!(p.may_use("files"), i % 2 == 1);
+        assert_eq!(p.limit().unwrap().per_second(), f64::from(i % 7 + 1));
+    }
+    assert_eq!(s.count_api_keys().unwrap(), u64::from(n));
+}
+
 fn pages_are_newest_first_and_cursors_survive_deletion(open: &Open) {
     let s = open(1).unwrap();
     let org = s.tenant().unwrap().org_id;
@@ -414,6 +454,10 @@ macro_rules! suite {
             #[test]
             fn keys_round_trip_and_only_data_plane_changes_move_revisions() {
                 super::keys_round_trip_and_only_data_plane_changes_move_revisions(&$opener);
+            }
+            #[test]
+            fn thousands_of_keys_in_one_call_keep_their_order() {
+                super::thousands_of_keys_in_one_call_keep_their_order(&$opener);
             }
             #[test]
             fn pages_are_newest_first_and_cursors_survive_deletion() {

@@ -760,6 +760,73 @@ async fn insert_key(
     .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
 }
 
+/// Inserts keys with one statement; returns their records in the order given.
+async fn insert_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    keys: Vec<NewApiKey>,
+) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    let n = keys.len();
+    let (mut ids, mut created, mut names, mut previews) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut users, mut orgs, mut roles, mut digests) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut routes, mut rates, mut bursts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for new in keys {
+        let (id, at) = new_id();
+        let (per_second, burst) = limit_columns(new.limit);
+        ids.push(id);
+        created.push(at);
+        names.push(new.name);
+        previews.push(new.preview_name);
+        users.push(new.user_id);
+        orgs.push(new.org_id);
+        roles.push(new.role.as_str());
+        digests.push(new.digest.to_vec());
+        routes.push(routes_text(&new.routes));
+        rates.push(per_second);
+        bursts.push(burst);
+    }
+    let rows = tx
+        .query(
+            &format!(
+                "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest,
+                                       routes, rate_per_second, burst)
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
+                                      $6::TEXT[], $7::TEXT[], $8::BYTEA[], $9::TEXT[],
+                                      $10::DOUBLE PRECISION[], $11::BIGINT[])
+                 RETURNING {KEY_COLUMNS}"
+            ),
+            &[
+                &ids, &created, &names, &previews, &users, &orgs, &roles, &digests, &routes,
+                &rates, &bursts,
+            ],
+        )
+        .await?;
+    let mut by_id: std::collections::HashMap<String, ApiKeyRecord> = rows
+        .iter()
+        .map(|r| key_from_row(r).map(|k| (k.id.clone(), k)))
+        .collect::<Result<_, _>>()?;
+    ids.iter()
+        .map(|id| {
+            by_id
+                .remove(id)
+                .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
+        })
+        .collect()
+}
+
 impl KeyLookup for PgStore {
     fn principal_by_digest(
         &self,
@@ -847,10 +914,14 @@ impl Store for PgStore {
     }
 
     fn create_api_keys(&self, keys: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        // Thousands of keys (`keys create --count`) in a few statements, not two round trips
+        // each: one INSERT ... SELECT FROM UNNEST per chunk, all in one transaction.
         in_tx!(self, |tx| {
             let mut out = Vec::with_capacity(keys.len());
-            for new in keys {
-                out.push(insert_key(tx, new).await?);
+            let mut keys = keys.into_iter().peekable();
+            while keys.peek().is_some() {
+                let chunk: Vec<NewApiKey> = keys.by_ref().take(5000).collect();
+                out.extend(insert_keys(tx, chunk).await?);
             }
             Ok(out)
         })

@@ -437,6 +437,33 @@ fn cursor_position(
     cursor_of_deleted(id)
 }
 
+/// Inserts a key (statements cached per connection: a batch of a million keys prepares once).
+fn insert_key(tx: &Transaction<'_>, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
+    let (id, created) = new_id();
+    let (per_second, burst) = limit_columns(new.limit);
+    tx.prepare_cached(
+        "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
+                               rate_per_second, burst)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        id,
+        created,
+        new.name,
+        new.preview_name,
+        new.user_id,
+        new.org_id,
+        new.role.as_str(),
+        new.digest.as_slice(),
+        routes_text(&new.routes),
+        per_second,
+        burst
+    ])?;
+    Ok(tx
+        .prepare_cached(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))?
+        .query_row([&id], key_from_row)?)
+}
+
 impl KeyLookup for SqliteStore {
     fn principal_by_digest(
         &self,
@@ -494,34 +521,10 @@ impl Store for SqliteStore {
     fn create_api_keys(&self, keys: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
-        let mut out = Vec::with_capacity(keys.len());
-        {
-            let mut insert = tx.prepare(
-                "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
-                                       rate_per_second, burst)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?;
-            let mut select =
-                tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))?;
-            for new in keys {
-                let (id, created) = new_id();
-                let (per_second, burst) = limit_columns(new.limit);
-                insert.execute(params![
-                    id,
-                    created,
-                    new.name,
-                    new.preview_name,
-                    new.user_id,
-                    new.org_id,
-                    new.role.as_str(),
-                    new.digest.as_slice(),
-                    routes_text(&new.routes),
-                    per_second,
-                    burst
-                ])?;
-                out.push(select.query_row([&id], key_from_row)?);
-            }
-        }
+        let out = keys
+            .into_iter()
+            .map(|new| insert_key(&tx, new))
+            .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(out)
     }
@@ -535,34 +538,9 @@ impl Store for SqliteStore {
         if n > 0 {
             return Ok(None);
         }
-        let (id, created) = new_id();
-        let (per_second, burst) = limit_columns(new.limit);
-        tx.execute(
-            "INSERT INTO api_keys (id, created, name, preview_name, user_id, org_id, role, digest, routes,
-                                   rate_per_second, burst)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                id,
-                created,
-                new.name,
-                new.preview_name,
-                new.user_id,
-                new.org_id,
-                new.role.as_str(),
-                new.digest.as_slice(),
-                routes_text(&new.routes),
-                per_second,
-                burst
-            ],
-        )?;
-        let rec = one(
-            &tx,
-            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-            [&id],
-            key_from_row,
-        )?;
+        let rec = insert_key(&tx, new)?;
         tx.commit()?;
-        Ok(rec)
+        Ok(Some(rec))
     }
 
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError> {
@@ -1050,124 +1028,15 @@ mod tests {
         .unwrap()
     }
 
+    /// What only SQLite can show: the file itself never holds a secret in plaintext (the write
+    /// modes are in the conformance suite, `tests/store_conformance.rs`).
     #[test]
-    fn keys_round_trip_and_bump_revisions() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 1).unwrap();
-        let t = s.tenant().unwrap();
-        let r0 = s.revisions().unwrap();
-        let rec = s
-            .create_api_key(NewApiKey {
-                org_id: t.org_id.clone(),
-                user_id: t.user_id.clone(),
-                name: "ci".into(),
-                role: Role::Proxy,
-                digest: [9; 32],
-                preview_name: "sk-****abcd".into(),
-                routes: None,
-                limit: None,
-            })
-            .unwrap();
-        assert!(s.revisions().unwrap().keys > r0.keys);
-        let (p, _) = s.principal_by_digest(&[9; 32]).unwrap();
-        assert_eq!(p.unwrap().key_id(), rec.id);
-        assert!(s.principal_by_digest(&[8; 32]).unwrap().0.is_none());
-        assert_eq!(
-            s.list_api_keys(&ListQuery::all(&t.org_id, 10))
-                .unwrap()
-                .len(),
-            1
-        );
-        s.flag_exposed(&rec.id).unwrap();
-        assert!(s
-            .get_api_key(&t.org_id, &rec.id)
-            .unwrap()
-            .unwrap()
-            .exposed
-            .is_some());
-        assert!(s
-            .delete_api_key(Some("other-org"), &rec.id)
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            s.delete_api_key(Some(&t.org_id), &rec.id)
-                .unwrap()
-                .unwrap()
-                .id,
-            rec.id
-        );
-        assert!(s.delete_api_key(None, &rec.id).unwrap().is_none());
-        assert!(s.principal_by_digest(&[9; 32]).unwrap().0.is_none());
-    }
-
-    #[test]
-    fn pages_are_newest_first_and_cursors_survive_deletion() {
+    fn secrets_are_sealed_at_rest() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1).unwrap();
         let org = s.tenant().unwrap().org_id;
-        let mut made = Vec::new();
-        for i in 0..7 {
-            made.push(put(&s, &org, &format!("S{i}"), "value-12345").id);
-        }
-        made.reverse(); // newest first
-        let page = |p: Page, limit| {
-            let q = ListQuery {
-                page: p,
-                limit,
-                ..ListQuery::all(&org, 0)
-            };
-            s.list_ai_secrets(&q, &[])
-                .unwrap()
-                .into_iter()
-                .map(|r| r.id)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(page(Page::First, 100), made);
-        assert_eq!(page(Page::First, 3), made[..3]);
-        assert_eq!(page(Page::After(made[2].clone()), 3), made[3..6]);
-        assert_eq!(page(Page::After(made[6].clone()), 3), Vec::<String>::new());
-        assert_eq!(page(Page::Before(made[5].clone()), 2), made[3..5]);
-        assert_eq!(page(Page::Before(made[0].clone()), 2), Vec::<String>::new());
-        // A cursor whose object is gone keeps its place.
-        s.delete_ai_secret(&org, SecretRef::Id(&made[2])).unwrap();
-        assert_eq!(page(Page::After(made[2].clone()), 2), made[3..5]);
-        let bogus = uuid::Uuid::new_v4().to_string();
-        assert!(matches!(
-            s.list_ai_secrets(
-                &ListQuery {
-                    page: Page::After(bogus),
-                    ..ListQuery::all(&org, 5)
-                },
-                &[]
-            ),
-            Err(StoreError::UnknownCursor(_))
-        ));
-    }
-
-    #[test]
-    fn secrets_are_sealed_at_rest_and_written_by_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 1).unwrap();
-        let org = s.tenant().unwrap().org_id;
-        let a = put(&s, &org, "OPENAI", "upstream-secret-value-123");
-        assert_eq!(a.preview_secret.as_deref(), Some("****-123"));
-        let (_, got) = s.ai_secret_value(&org, "OPENAI").unwrap().unwrap();
-        assert_eq!(got.expose(), "upstream-secret-value-123");
-        let post = s
-            .write_ai_secret(
-                &org,
-                AiSecretWrite {
-                    name: "OPENAI".into(),
-                    secret_type: Some("other".into()),
-                    metadata: None,
-                    secret: Some(Secret::new("ignored-value".into())),
-                },
-                WriteMode::CreateOrGet,
-            )
-            .unwrap();
-        assert_eq!(post, a, "POST on an existing name returns it unmodified");
-        let b = put(&s, &org, "OPENAI", "second-value-xyz9");
-        assert_eq!(a.id, b.id, "replacing keeps the id");
+        put(&s, &org, "OPENAI", "upstream-secret-value-123");
+        put(&s, &org, "OPENAI", "second-value-xyz9");
         assert_eq!(
             s.ai_secret_value(&org, "OPENAI")
                 .unwrap()
@@ -1188,10 +1057,47 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_master_key_is_refused_before_anything_is_written() {
+    fn a_version_1_store_migrates_and_stamps_stop_counting_as_changes() {
         let dir = tempfile::tempdir().unwrap();
-        open(dir.path(), 1).unwrap();
-        let err = open(dir.path(), 2).unwrap_err();
-        assert!(matches!(err, StoreError::WrongMasterKey), "{err}");
+        {
+            // A store as the first release made it.
+            let mut conn = Connection::open(dir.path().join("k.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(SCHEMA_V1).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.commit().unwrap();
+        }
+        let s = open(dir.path(), 1).unwrap();
+        let version: i64 = s
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        let t = s.tenant().unwrap();
+        let rec = s
+            .create_api_key(NewApiKey {
+                org_id: t.org_id,
+                user_id: t.user_id,
+                name: "k".into(),
+                role: Role::Proxy,
+                digest: [3; 32],
+                preview_name: "sk-****".into(),
+                routes: None,
+                limit: None,
+            })
+            .unwrap();
+        let before = s.revisions().unwrap().keys;
+        s.flag_exposed(&rec.id).unwrap();
+        assert_eq!(s.revisions().unwrap().keys, before);
+        drop(s);
+        // A store newer than this binary is refused.
+        Connection::open(dir.path().join("k.db"))
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            open(dir.path(), 1),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
     }
 }

@@ -34,6 +34,23 @@ use keygate::tls::Ca;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 
+/// Installs Debian packages with apt-get (as `.ci/run` does), for tests that need a server or a
+/// browser on a fresh machine of this project's image (root, Debian's registry reachable).
+/// Whether it worked.
+pub fn apt_install(packages: &[&str]) -> bool {
+    let apt = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend_from_slice(packages);
+    apt(&["update", "-qq"]) && apt(&install)
+}
+
 /// The request body type the test client sends.
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
 

@@ -606,15 +606,7 @@ pub fn bin_dir() -> &'static Path {
         if let Some(b) = newest_bin_dir() {
             return Ok(b);
         }
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let ok = apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "postgresql"]);
+        let ok = super::apt_install(&["postgresql"]);
         match newest_bin_dir() {
             Some(b) if ok => Ok(b),
             _ => Err(

@@ -24,15 +24,7 @@ fn ensure_installed() {
     if Path::new(SERVER).exists() {
         return;
     }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let ok = apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "redis-server"]);
+    let ok = super::apt_install(&["redis-server"]);
     assert!(
         ok && Path::new(SERVER).exists(),
         "{SERVER} is missing and apt-get could not install it: install Debian's redis-server \
