@@ -68,7 +68,9 @@ class Processes:
     def stop(p: subprocess.Popen, grace: float = 5.0) -> None:
         if p.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        # A process may ask for another first signal (PostgreSQL: SIGINT, its fast shutdown).
+        first = getattr(p, "stop_signal", signal.SIGTERM)
+        for sig, wait in ((first, grace), (signal.SIGKILL, 2.0)):
             try:
                 os.killpg(p.pid, sig)
             except ProcessLookupError:
@@ -148,6 +150,22 @@ def cpu_us(pids: list[int]) -> float:
         fields = stat[stat.rindex(")") + 2:].split()
         total += (int(fields[11]) + int(fields[12])) * TICK_US
     return total
+
+
+def tree(pid: int) -> list[int]:
+    """The process and its children (a PostgreSQL postmaster and its backends and workers)."""
+    return [pid] + children(pid)
+
+
+def cpu_snapshot(pids: list[int]) -> dict[int, float]:
+    """utime + stime per process, in µs (see cpu_since)."""
+    return {pid: cpu_us([pid]) for pid in pids}
+
+
+def cpu_since(before: dict[int, float], pids: list[int]) -> float:
+    """The CPU the processes used since the snapshot, in µs; a process started since counts
+    whole (a server's new backend), one that exited since is lost."""
+    return sum(max(0.0, cpu_us([pid]) - before.get(pid, 0.0)) for pid in pids)
 
 
 def rss_kib(pids: list[int]) -> int:
