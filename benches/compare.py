@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--keygate-upstream", choices=["h2", "h1"], default="h2",
                     help="keygate's protocol to the fixture: h2 by ALPN (the default config) or "
                          "HTTP/1.1 only ([upstream] http2 = false, as nginx and HAProxy are run)")
+    ap.add_argument("--keygate-redis", metavar="URL",
+                    help="keygate keeps its per-key quotas in this Redis ([limits] backend = "
+                         "\"redis\", redis_url = URL; a Redis you started). Default: local quotas")
     ap.add_argument("--report-only", action="store_true",
                     help="only render latest.md and latest.svg again from latest.json")
     args = ap.parse_args()

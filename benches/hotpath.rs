@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use keygate::config::{LimitSpec, LimitsConfig};
 use keygate::crypto::{KeyDigest, MasterKey};
 use keygate::keycache::{KeyCache, KeyCacheSettings};
-use keygate::proxy::limit::Limiters;
+use keygate::proxy::limit::{Limiters, Quotas};
 use keygate::store::{KeyLookup, Principal, Profile, Role, StoreError};
 
 struct OneKey(KeyDigest);
@@ -57,7 +57,7 @@ fn request(key: &str) -> http::HeaderMap {
 
 async fn hot_loop(
     cache: &KeyCache,
-    limits: &Limiters,
+    limits: &dyn Quotas,
     key: &str,
     bearer: &http::HeaderValue,
     n: u64,
@@ -74,7 +74,9 @@ async fn hot_loop(
         else {
             continue;
         };
-        if let Ok(v) = limits.check_key(p.key_uid, p.limit(), 0) {
+        // Through the seam the proxy uses (`dyn Quotas`, a boxed future), as `proxy::limit` does.
+        if let Ok(admitted) = limits.check(p.key_uid, p.limit(), 0).await {
+            let v = keygate::error::admission_header(&admitted);
             keygate::proxy::headers::strip_hop_by_hop(&mut headers);
             headers.remove("x-api-key");
             headers.remove("host");
@@ -113,6 +115,7 @@ async fn main() {
             default: spec,
             auth_failures: spec,
             admin: spec,
+            backend: Default::default(),
         },
         &[],
     );

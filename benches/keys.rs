@@ -86,6 +86,7 @@ async fn main() {
                 default: spec,
                 auth_failures: spec,
                 admin: spec,
+                backend: Default::default(),
             },
             &[],
         );

@@ -27,6 +27,7 @@ fn limiters() -> Limiters {
             default: spec,
             auth_failures: spec,
             admin: spec,
+            backend: Default::default(),
         },
         &[],
     )

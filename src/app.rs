@@ -20,13 +20,14 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, OnCleartext};
+use crate::config::{Config, LimitsBackend, OnCleartext};
 use crate::crypto::{MasterKey, MasterKeyError, MasterKeySource};
 use crate::keycache::{KeyCache, KeyCacheSettings};
 use crate::metrics::Metrics;
 use crate::proxy::credentials::Credentials;
 use crate::proxy::forward::Upstream;
-use crate::proxy::limit::Limiters;
+use crate::proxy::limit::fleet::{FleetQuotas, RedisLink};
+use crate::proxy::limit::{Limiters, Quotas};
 use crate::proxy::passthrough::PassthroughCache;
 use crate::proxy::routes::RouteTable;
 use crate::proxy::DataPlane;
@@ -48,6 +49,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Limits(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -64,7 +67,11 @@ pub struct Live {
     /// written only by `write_credentials`, under the credentials writer lock (a secret or env
     /// var changed, or a reload filling its new snapshot before swapping it in).
     pub credentials: Credentials,
-    pub limits: Limiters,
+    /// The in-process limiters: the failed-authentication throttle and the admin quota always,
+    /// the key and route quotas with `limits.backend = "local"` or while Redis does not answer.
+    pub limits: Arc<Limiters>,
+    /// The key and route quota check of the data plane: `limits`, or Redis in front of it.
+    pub quotas: Arc<dyn Quotas>,
     /// Shared with the next config when its `[upstream]` and CA file are unchanged: pooled
     /// connections stay.
     pub upstream: Arc<Upstream>,
@@ -101,12 +108,16 @@ pub struct AppState {
     /// go into a blocking task and be handed to `write_credentials`.
     credentials_writer: Arc<tokio::sync::Mutex<()>>,
     pub reload_status: std::sync::Mutex<ReloadStatus>,
+    /// Why the store poller's last read failed; `None` once a read succeeds. For `/readyz`.
+    pub store_error: std::sync::Mutex<Option<String>>,
     /// The default org and user: routes take their secrets from this org.
     pub tenant: Tenant,
     pub store: Arc<dyn Store>,
     /// The key cache, passthrough verdicts, master key and metrics, as the data plane takes
     /// them.
     pub plane: DataPlane,
+    /// The fleet's Redis, with `limits.backend = "redis"` (set at start; a reload keeps it).
+    pub fleet: Option<Arc<RedisLink>>,
 }
 
 impl AppState {
@@ -198,9 +209,11 @@ impl AppState {
         };
         // Filled by `reload` under the credentials writer lock.
         let credentials = Credentials::new(config.routes.len());
+        let limits = Arc::new(old.limits.reconfigured(&config.limits, &config.routes));
         let live = Live {
             routes: RouteTable::new(&config.routes),
-            limits: old.limits.reconfigured(&config.limits, &config.routes),
+            quotas: quotas(self.fleet.as_ref(), &limits, &config),
+            limits,
             credentials,
             upstream,
             tls,
@@ -471,12 +484,23 @@ pub async fn start(
     let (proxy, proxy_addr) = bind(config.listen.proxy).await?;
     let (admin, admin_addr) = bind(config.listen.admin).await?;
 
+    let metrics = Arc::new(Metrics::default());
+    let fleet = match &config.limits.backend {
+        LimitsBackend::Local => None,
+        LimitsBackend::Redis(redis) => Some(
+            RedisLink::start(redis, metrics.clone())
+                .await
+                .map_err(AppError::Limits)?,
+        ),
+    };
+    let limits = Arc::new(Limiters::new(&config.limits, &config.routes));
     let state = Arc::new(AppState {
         live: ArcSwap::from_pointee(Live {
             routes: RouteTable::new(&config.routes),
             // Filled below, through the one writer, before any listener runs.
             credentials: Credentials::new(config.routes.len()),
-            limits: Limiters::new(&config.limits, &config.routes),
+            quotas: quotas(fleet.as_ref(), &limits, &config),
+            limits,
             upstream: Arc::new(upstream),
             upstream_ca: read_ca(&config),
             tls,
@@ -487,14 +511,16 @@ pub async fn start(
         reloading: tokio::sync::Mutex::new(()),
         credentials_writer: Arc::default(),
         reload_status: std::sync::Mutex::default(),
+        store_error: std::sync::Mutex::default(),
         tenant,
         store,
         plane: DataPlane {
             master,
             keys: Arc::new(keys),
             passthrough: Arc::new(PassthroughCache::new(config.keys.cache_capacity)),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         },
+        fleet: fleet.clone(),
     });
 
     {
@@ -515,6 +541,9 @@ pub async fn start(
         tasks.spawn(accept_loop(listener, app, p, shutdown_rx.clone()));
     }
     tasks.spawn(poll_store(state.clone(), revisions, shutdown_rx.clone()));
+    if let Some(link) = fleet {
+        tasks.spawn(link.watch(shutdown_rx.clone()));
+    }
     tasks.spawn(evict_idle_state(state.clone(), shutdown_rx));
 
     Ok(Running {
@@ -544,6 +573,24 @@ async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(StoreError::TaskFailed(e.to_string()).into()))
+}
+
+/// The key and route quota check of a config snapshot: the local limiters, or the fleet's Redis
+/// in front of them.
+fn quotas(
+    fleet: Option<&Arc<RedisLink>>,
+    local: &Arc<Limiters>,
+    config: &Config,
+) -> Arc<dyn Quotas> {
+    match fleet {
+        Some(link) => Arc::new(FleetQuotas::new(
+            link.clone(),
+            &config.limits,
+            &config.routes,
+            local.clone(),
+        )),
+        None => local.clone(),
+    }
 }
 
 /// Drops limiter state of keys and IPs idle long enough to be back at a full bucket, and
@@ -598,9 +645,11 @@ async fn poll_store(
                 if failing {
                     tracing::info!("key store readable again");
                     failing = false;
+                    *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
             Err(e) => {
+                *state.store_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 if !failing {
                     tracing::error!(error = %e, "cannot read the key store; requests fail closed after the staleness bound");
                     failing = true;
@@ -640,6 +689,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     check("listen", old.listen != new.listen);
     check("store", old.store != new.store);
+    // The Redis connection is made at start; quotas themselves reload.
+    check(
+        "limits.backend (and redis_url, redis_prefix)",
+        old.limits.backend != new.limits.backend,
+    );
     // keys.on_cleartext is read per event and applies at once; the cache settings do not.
     let cache = |k: &crate::config::KeysConfig| {
         (
@@ -663,4 +717,26 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         old.server.worker_threads != new.server.worker_threads,
     );
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limits_backend_changes_only_with_a_restart() {
+        let local = Config::parse("", "t").unwrap();
+        let redis = Config::parse_with_env(
+            "[limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/0\"\n",
+            "t",
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            restart_only_changes(&local, &redis),
+            ["limits.backend (and redis_url, redis_prefix)"]
+        );
+        let quotas = Config::parse("[limits]\ndefault = { per_second = 1, burst = 1 }\n", "t");
+        assert!(restart_only_changes(&local, &quotas.unwrap()).is_empty());
+    }
 }

@@ -97,6 +97,13 @@ struct RawLimits {
     default: Option<RawLimit>,
     auth_failures: Option<RawLimit>,
     admin: Option<RawLimit>,
+    backend: Option<String>,
+    /// May carry a password: held as a secret from the start.
+    redis_url: Option<crate::secret::Secret>,
+    redis_prefix: Option<String>,
+    /// `KEYGATE_REDIS_URL`, read by [`Config::parse_with_env`], used when `redis_url` is unset.
+    #[serde(skip)]
+    redis_url_env: Option<crate::secret::Secret>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -244,6 +251,11 @@ impl LimitSpec {
     pub fn per_second(&self) -> f64 {
         self.milli_per_second as f64 / 1000.0
     }
+
+    /// The rate in thousandths per second, exactly as kept (names the quota's shared state).
+    pub fn milli_per_second(&self) -> u64 {
+        self.milli_per_second
+    }
 }
 
 /// Rate limits.
@@ -255,6 +267,86 @@ pub struct LimitsConfig {
     pub auth_failures: LimitSpec,
     /// Admin API calls per admin key.
     pub admin: LimitSpec,
+    /// Where the per-key and per-route quotas live.
+    pub backend: LimitsBackend,
+}
+
+/// Where the per-key and per-route quotas are kept (`limits.backend`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LimitsBackend {
+    /// In this process (governor): each instance has its own quotas.
+    #[default]
+    Local,
+    /// In one Redis shared by a fleet: quotas are global.
+    Redis(RedisLimits),
+}
+
+/// The Redis of `limits.backend = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLimits {
+    pub url: RedisUrl,
+    /// Prefix of every key keygate writes (`limits.redis_prefix`).
+    pub prefix: String,
+}
+
+/// A `redis://` or `rediss://` URL. It may carry a password, so `Debug` and `Display` show it
+/// with the user info replaced by `***`; only [`RedisUrl::expose`] gives the whole URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    url: crate::secret::Secret,
+    shown: String,
+}
+
+impl RedisUrl {
+    /// Parses a Redis URL; the error names what is wrong, never the URL.
+    pub fn parse(url: crate::secret::Secret) -> Result<RedisUrl, &'static str> {
+        const SHAPE: &str =
+            "must be a URL like \"redis://host:6379/0\" or \"rediss://host:6380/0\"";
+        let text = url.expose();
+        if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+            return Err(SHAPE);
+        }
+        let parsed = redis::parse_redis_url(text).ok_or(SHAPE)?;
+        if parsed.fragment().is_some() {
+            // The client reads `#insecure` as "skip certificate verification".
+            return Err("must not have a #fragment (no switch skips TLS verification)");
+        }
+        if parsed.host_str().is_none_or(str::is_empty)
+            || redis::IntoConnectionInfo::into_connection_info(text).is_err()
+        {
+            return Err(SHAPE);
+        }
+        let userinfo = if parsed.username().is_empty() && parsed.password().is_none() {
+            ""
+        } else {
+            "***@"
+        };
+        let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let shown = format!(
+            "{}://{userinfo}{}{port}{}",
+            parsed.scheme(),
+            parsed.host_str().unwrap_or_default(),
+            parsed.path()
+        );
+        Ok(RedisUrl { url, shown })
+    }
+
+    /// The whole URL, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
 }
 
 /// Listener addresses.
@@ -522,6 +614,16 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, origin, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::parse`] with the environment read through `env` (`KEYGATE_REDIS_URL`), so that
+    /// tests never set process variables.
+    pub fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| {
             // Where the error points at a bare key (a duplicate key or table), that key is the
             // field; the span's text is shown for nothing else, as it may be a value.
@@ -538,7 +640,7 @@ impl Config {
                 reason: without_values(e.message()),
             }
         })?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
             let at = inner
@@ -553,6 +655,7 @@ impl Config {
                 reason: without_values(inner.message()),
             }
         })?;
+        raw.limits.redis_url_env = env("KEYGATE_REDIS_URL").map(crate::secret::Secret::new);
         validate(raw, origin).map_err(|e| match e {
             ConfigError::Invalid {
                 origin,
@@ -897,6 +1000,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         default: c.limit("limits.default", raw.limits.default, (10.0, 20))?,
         auth_failures: c.limit("limits.auth_failures", raw.limits.auth_failures, (10.0, 20))?,
         admin: c.limit("limits.admin", raw.limits.admin, (20.0, 40))?,
+        backend: limits_backend(&c, &raw.limits)?,
     };
     let mut routes = Vec::with_capacity(raw.route.len());
     for (i, r) in raw.route.into_iter().enumerate() {
@@ -933,6 +1037,51 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         routes,
         source: None,
     })
+}
+
+/// `limits.backend` and the Redis settings that go with it.
+fn limits_backend(c: &Check<'_>, raw: &RawLimits) -> Result<LimitsBackend, ConfigError> {
+    let url = raw.redis_url.clone();
+    let from_env = raw.redis_url_env.clone();
+    let prefix = raw.redis_prefix.clone();
+    match raw.backend.as_deref() {
+        None | Some("local") => {
+            if url.is_some() || prefix.is_some() {
+                let field = if url.is_some() {
+                    "limits.redis_url"
+                } else {
+                    "limits.redis_prefix"
+                };
+                return Err(c.err(field, "only applies to limits.backend = \"redis\""));
+            }
+            Ok(LimitsBackend::Local)
+        }
+        Some("redis") => {
+            let (field, url) = match (url, from_env) {
+                (Some(u), _) => ("limits.redis_url", u),
+                (None, Some(u)) => ("KEYGATE_REDIS_URL (environment)", u),
+                (None, None) => {
+                    return Err(c.err(
+                        "limits.backend",
+                        "\"redis\" needs limits.redis_url or the KEYGATE_REDIS_URL environment variable",
+                    ))
+                }
+            };
+            let url = RedisUrl::parse(url).map_err(|why| c.err(field, why))?;
+            let prefix = prefix.unwrap_or_else(|| "keygate:".to_owned());
+            if prefix.is_empty()
+                || prefix.len() > 64
+                || prefix.chars().any(|ch| ch.is_control() || ch == ' ')
+            {
+                return Err(c.err(
+                    "limits.redis_prefix",
+                    "must be 1 to 64 characters, no spaces or control characters",
+                ));
+            }
+            Ok(LimitsBackend::Redis(RedisLimits { url, prefix }))
+        }
+        Some(_) => Err(c.err("limits.backend", "must be \"local\" or \"redis\"")),
+    }
 }
 
 fn validate_inject(

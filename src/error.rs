@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use crate::proxy::limit::{Admitted, Refused};
 use crate::Body;
 
 /// Everything that can stop a proxied request.
@@ -27,7 +28,7 @@ pub enum ProxyError {
     Forbidden { route: String },
     /// Over a rate limit (the key's, the route's, or the IP's for failed authentication).
     #[error("rate limit exceeded")]
-    RateLimited(crate::proxy::limit::Limited),
+    RateLimited(crate::proxy::limit::Refused),
     /// A passthrough key could not be validated: the upstream failed, not the key.
     #[error("passthrough key validation failed")]
     PassthroughValidation,
@@ -161,16 +162,50 @@ fn unauthorized() -> Response<Body> {
 }
 
 /// The 429 answer: JSON error, `Retry-After`, `RateLimit-Policy` and `RateLimit`.
-pub fn rate_limited(l: &crate::proxy::limit::Limited) -> Response<Body> {
+pub fn rate_limited(l: &Refused) -> Response<Body> {
     let mut res = json_response(
         StatusCode::TOO_MANY_REQUESTS,
         Bytes::from_static(br#"{"error":"rate limit exceeded"}"#),
     );
     let h = res.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after));
-    h.insert("ratelimit-policy", l.policy.clone());
-    h.insert("ratelimit", l.ratelimit.clone());
+    for (name, value) in refusal_headers(l) {
+        h.insert(name, value);
+    }
     res
+}
+
+/// The headers of a refusal, from its numbers, whichever limiter refused: `Retry-After`,
+/// `RateLimit` (`"policy";r=0;t=RETRY`) and `RateLimit-Policy` (`"policy";q=BURST;w=WINDOW`).
+pub fn refusal_headers(l: &Refused) -> [(header::HeaderName, HeaderValue); 3] {
+    [
+        (header::RETRY_AFTER, HeaderValue::from(l.retry_after)),
+        (
+            header::HeaderName::from_static("ratelimit"),
+            ratelimit_value(l.policy, 0, l.retry_after),
+        ),
+        (
+            header::HeaderName::from_static("ratelimit-policy"),
+            policy_value(l.policy, l.spec),
+        ),
+    ]
+}
+
+/// The `RateLimit` value of an admitted answer: `"policy";r=REMAINING;t=RESET`.
+pub fn admission_header(a: &Admitted) -> HeaderValue {
+    ratelimit_value(a.policy, a.remaining, a.reset)
+}
+
+/// `"policy";r=R;t=T` (draft-ietf-httpapi-ratelimit-headers, structured field form).
+fn ratelimit_value(policy: &str, remaining: u32, reset: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{policy}\";r={remaining};t={reset}"))
+        .unwrap_or(HeaderValue::from_static("\"default\";r=0;t=1"))
+}
+
+/// `"policy";q=BURST;w=WINDOW`, the window being the time to earn the whole burst back.
+fn policy_value(policy: &str, spec: crate::config::LimitSpec) -> HeaderValue {
+    let window = (f64::from(spec.burst) / spec.per_second()).ceil().max(1.0) as u64;
+    HeaderValue::from_str(&format!("\"{policy}\";q={};w={window}", spec.burst))
+        .unwrap_or(HeaderValue::from_static("\"default\";q=1;w=1"))
 }
 
 /// A JSON `{"error": message}` response.
@@ -235,7 +270,7 @@ pub enum AdminError {
     StoreUnavailable,
     /// Over the admin API rate limit, or the IP's failed-authentication allowance.
     #[error("rate limit exceeded")]
-    RateLimited(crate::proxy::limit::Limited),
+    RateLimited(crate::proxy::limit::Refused),
     /// A bug or a store failure; details only in the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -312,5 +347,42 @@ impl AdminError {
             }
         };
         error_response(status, &message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitSpec;
+
+    /// The header bytes are the ones the in-process limiter always sent; both backends answer
+    /// through these two functions.
+    #[test]
+    fn rate_limit_headers_from_numbers() {
+        let spec = LimitSpec::new(0.2, 2).unwrap();
+        let refused = Refused {
+            policy: "default",
+            spec,
+            retry_after: 5,
+        };
+        let res = rate_limited(&refused);
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = res.headers();
+        assert_eq!(h["retry-after"], "5");
+        assert_eq!(h["ratelimit-policy"], "\"default\";q=2;w=10");
+        assert_eq!(h["ratelimit"], "\"default\";r=0;t=5");
+        let admitted = Admitted::with("key", LimitSpec::new(100.0, 50).unwrap(), 49);
+        assert_eq!(admission_header(&admitted), "\"key\";r=49;t=1");
+        let full = Admitted::with("route", LimitSpec::new(0.5, 1).unwrap(), 0);
+        assert_eq!(admission_header(&full), "\"route\";r=0;t=2");
+        // A window under a second is reported as one.
+        let fast = Refused::after(
+            "admin",
+            LimitSpec::new(1000.0, 5).unwrap(),
+            std::time::Duration::from_millis(1),
+        );
+        let [retry, _, policy] = refusal_headers(&fast);
+        assert_eq!(retry.1, "1");
+        assert_eq!(policy.1, "\"admin\";q=5;w=1");
     }
 }

@@ -10,7 +10,8 @@
 //! - [`server`]: the accept loop: connection cap, cleartext detection, TLS, h1/h2, lingering
 //!   close.
 //! - [`proxy`]: the data plane, one file per stage: `path` (normalise), `routes` (select),
-//!   `authenticate`, `limit`, `inject`, `forward`; with `headers` (the header and trailer
+//!   `authenticate`, `limit` (the `Quotas` seam: in-process, or `limit::fleet` in Redis),
+//!   `inject`, `forward`; with `headers` (the header and trailer
 //!   rules), `bodies` (body caps and timeouts), `credentials` (what each route injects) and
 //!   `passthrough` (verdicts on passthrough keys).
 //! - [`admin`]: the control plane listener and the admin API.

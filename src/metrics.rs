@@ -152,6 +152,11 @@ pub struct Metrics {
     reloads: Family<OutcomeLabel, Counter>,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
+    /// Quota checks the local limiter answered because Redis (`limits.backend = "redis"`) was
+    /// not answering.
+    pub limiter_degraded: Counter,
+    /// 1 while quota checks go to the local limiter instead of Redis, else 0.
+    pub limiter_degraded_now: Gauge,
 }
 
 impl Default for Metrics {
@@ -182,6 +187,8 @@ impl Default for Metrics {
             reloads,
             reloads_ok,
             reloads_failed,
+            limiter_degraded: Counter::default(),
+            limiter_degraded_now: Gauge::default(),
         }
     }
 }
@@ -302,6 +309,16 @@ impl Metrics {
             self.rate_limited.clone(),
         );
         r.register(
+            "keygate_limiter_degraded",
+            "1 while Redis does not answer and each instance enforces the quotas alone, else 0",
+            self.limiter_degraded_now.clone(),
+        );
+        r.register(
+            "keygate_limiter_degraded_checks",
+            "Quota checks answered by the local limiter because Redis did not answer",
+            self.limiter_degraded.clone(),
+        );
+        r.register(
             "keygate_tls_handshake_failures",
             "TLS handshakes that failed or timed out",
             self.tls_handshake_failures.clone(),
@@ -394,6 +411,8 @@ mod tests {
                 "# TYPE keygate_key_store_staleness_seconds gauge",
                 "# TYPE keygate_limiter_tracked gauge",
                 "# TYPE keygate_rate_limited_total counter",
+                "# TYPE keygate_limiter_degraded gauge",
+                "# TYPE keygate_limiter_degraded_checks_total counter",
                 "# TYPE keygate_tls_handshake_failures_total counter",
                 "# TYPE keygate_cleartext_attempts_total counter",
                 "# TYPE keygate_exposed_keys_flagged_total counter",

@@ -431,6 +431,9 @@ async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_res
     )
     .await;
     assert_eq!(body["checks"]["key_store"]["ok"], false);
+    let why = body["checks"]["key_store"]["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("store unavailable"), "/readyz says why: {body}");
+    assert!(!why.contains(pg.password()));
 
     // Back: everything recovers without a restart, and nothing half-written was left.
     pg.start_again();

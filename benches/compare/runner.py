@@ -288,6 +288,8 @@ def main(args) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": nproc, "quick": args.quick, "rounds": args.rounds, "pinned": pin,
         "no_restart": args.no_restart, "keygate_upstream": args.keygate_upstream,
+        # Whether quotas were in Redis; never the URL (it may carry a password).
+        "keygate_limits": "redis" if getattr(args, "keygate_redis", None) else "local",
         "seconds": elapsed, "seconds_with_build": time.monotonic() - t_start,
         "tools": {k: bool(v) for k, v in tools.items()},
     }

@@ -105,8 +105,14 @@ class Tiers:
             upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
         # Every instance of a fleet shares the master key: the same file here.
         store = (f'url = "{store_url}"' if store_url else f'path = "{WORK}/kg/keygate.db"')
+        # --keygate-redis URL: every keygate config (the keygate tier's, and so keygate-pg's
+        # alike) keeps its per-key quotas in that Redis (one you started), under its own prefix;
+        # the keygate-redis tier's private Redis (redis_url) comes first.
+        prefix = REDIS_PREFIX
+        if not redis_url and getattr(self.args, "keygate_redis", None):
+            redis_url, prefix = self.args.keygate_redis, "keygate-bench:"
         limits_backend = (f'backend = "redis"\nredis_url = "{redis_url}"\n'
-                          f'redis_prefix = "{REDIS_PREFIX}"\n' if redis_url else "")
+                          f'redis_prefix = "{prefix}"\n' if redis_url else "")
         path.write_text(f"""# written by benches/compare.py
 [listen]
 proxy = "127.0.0.1:{proxy}"

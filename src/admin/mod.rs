@@ -256,6 +256,7 @@ async fn authenticate(
     let ratelimit = live
         .limits
         .check_admin(principal.key_uid)
+        .map(|a| crate::error::admission_header(&a))
         .map_err(AdminError::RateLimited)?;
     Ok((principal, ratelimit))
 }

@@ -37,6 +37,7 @@ pub fn readyz(state: &AppState) -> Response<Body> {
                 "ok": store_ok,
                 "backend": store.backend,
                 "notifications": store.notifications,
+                "last_error": *state.store_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "last_read_seconds_ago": (staleness.as_secs_f64() * 1000.0).round() / 1000.0,
                 "bound_seconds": bound.as_secs_f64(),
             },
@@ -44,6 +45,12 @@ pub fn readyz(state: &AppState) -> Response<Body> {
                 "ok": cert_ok,
                 "expires_unix": live.cert_not_after,
             },
+        },
+        // Not a readiness check: while Redis is away each instance limits on its own. The
+        // Redis URL is not shown (it may hold a password).
+        "limits": {
+            "backend": if state.fleet.is_some() { "redis" } else { "local" },
+            "degraded": state.fleet.as_ref().is_some_and(|f| f.degraded()),
         },
         "config": {
             "generation": live.generation,

@@ -18,10 +18,19 @@
 //! quota has spent one unit.
 //!
 //! The clock is tokio's, so tests can pause and advance it.
+//!
+//! The data plane asks for a key's quotas through [`Quotas`], whose answers are plain numbers
+//! ([`Admitted`], [`Refused`]); `crate::error` turns them into the `RateLimit`,
+//! `RateLimit-Policy` and `Retry-After` headers, whichever backend answered. Two backends:
+//! [`Limiters`] (this file, in-process) and [`fleet::FleetQuotas`] (one Redis shared by a
+//! fleet, degrading to [`Limiters`] while Redis does not answer). The failed-authentication
+//! throttle and the admin quota are always [`Limiters`]'.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::ops::Add;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +40,86 @@ use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
 use governor::state::keyed::DashMapStateStore;
 use governor::{NotUntil, Quota, RateLimiter};
-use http::HeaderValue;
 
 use crate::config::{LimitSpec, LimitsConfig, Route};
+
+pub mod fleet;
+
+/// An admission, as numbers: the `RateLimit` header of the answer is made of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// `default`, `key`, `route` or `admin`: the quota that is closest to refusing.
+    pub policy: &'static str,
+    pub spec: LimitSpec,
+    /// Requests that could be admitted at once now.
+    pub remaining: u32,
+    /// Whole seconds (rounded up) until the whole burst is back.
+    pub reset: u64,
+}
+
+/// A refusal, as numbers: what the 429 carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The quota that refused.
+    pub policy: &'static str,
+    pub spec: LimitSpec,
+    /// Whole seconds, rounded up, at least 1.
+    pub retry_after: u64,
+}
+
+impl Refused {
+    /// A refusal of `policy` whose next admission is `wait` away.
+    pub fn after(policy: &'static str, spec: LimitSpec, wait: Duration) -> Refused {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Refused {
+            policy,
+            spec,
+            retry_after: secs.max(1),
+        }
+    }
+}
+
+impl Admitted {
+    /// An admission of `policy` leaving `remaining` of the burst.
+    pub fn with(policy: &'static str, spec: LimitSpec, remaining: u32) -> Admitted {
+        let missing = f64::from(spec.burst.saturating_sub(remaining));
+        Admitted {
+            policy,
+            spec,
+            remaining,
+            reset: (missing / spec.per_second()).ceil() as u64,
+        }
+    }
+
+    /// The tighter of a route's admission and a key's (the route's when it has fewer left).
+    pub fn tighter(route: Option<Admitted>, key: Admitted) -> Admitted {
+        match route {
+            Some(r) if r.remaining < key.remaining => r,
+            _ => key,
+        }
+    }
+}
+
+/// What a quota check answers once it is done.
+pub type Checking<'a> = Pin<Box<dyn Future<Output = Result<Admitted, Refused>> + Send + 'a>>;
+
+/// The per-key and per-route quotas, as the data plane sees them: one check per request.
+///
+/// The check returns a boxed future so that the backend can sit behind `Arc<dyn Quotas>`
+/// (an `async fn` or `impl Future` in a trait is not object-safe) and be chosen by the config at
+/// start. One small allocation per request, next to a TLS record and an upstream round trip;
+/// the local backend's future is already complete when it is returned.
+pub trait Quotas: Send + Sync {
+    /// Admits a request of key `uid` (whose own quota is `own`) on route `route` (its index in
+    /// the configured routes), or refuses it.
+    fn check(&self, uid: u128, own: Option<LimitSpec>, route: usize) -> Checking<'_>;
+}
+
+impl Quotas for Limiters {
+    fn check(&self, uid: u128, own: Option<LimitSpec>, route: usize) -> Checking<'_> {
+        Box::pin(std::future::ready(self.check_key(uid, own, route)))
+    }
+}
 
 /// A tokio instant for governor: paused test clocks apply to the limiter too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -93,53 +179,20 @@ impl<K: std::hash::Hash + Eq + Clone> Bucket<K> {
         }
     }
 
-    fn check(&self, key: &K) -> Result<(u32, u64), Limited> {
+    fn check(&self, key: &K) -> Result<Admitted, Refused> {
         match self.limiter.check_key(key) {
-            Ok(snapshot) => Ok(state(self.spec, &snapshot)),
-            Err(not_until) => Err(self.limited(&not_until)),
+            Ok(snapshot) => Ok(self.admitted(&snapshot)),
+            Err(not_until) => Err(self.refused(&not_until)),
         }
     }
 
-    fn limited(&self, n: &NotUntil<TokioInstant>) -> Limited {
-        let wait = n.wait_time_from(TokioClock.now());
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        Limited {
-            retry_after: secs.max(1),
-            ratelimit: ratelimit_value(self.policy, 0, secs.max(1)),
-            policy: policy_value(self.policy, self.spec),
-        }
+    fn admitted(&self, s: &StateSnapshot) -> Admitted {
+        Admitted::with(self.policy, self.spec, s.remaining_burst_capacity())
     }
-}
 
-/// (remaining, seconds until full) after an admission.
-fn state(spec: LimitSpec, s: &StateSnapshot) -> (u32, u64) {
-    let remaining = s.remaining_burst_capacity();
-    let missing = f64::from(spec.burst.saturating_sub(remaining));
-    (remaining, (missing / spec.per_second()).ceil() as u64)
-}
-
-/// `"policy";r=R;t=T` (draft-ietf-httpapi-ratelimit-headers, structured field form).
-fn ratelimit_value(policy: &str, remaining: u32, reset: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{policy}\";r={remaining};t={reset}"))
-        .unwrap_or(HeaderValue::from_static("\"default\";r=0;t=1"))
-}
-
-/// `"policy";q=BURST;w=WINDOW`, the window being the time to earn the whole burst back.
-fn policy_value(policy: &str, spec: LimitSpec) -> HeaderValue {
-    let window = (f64::from(spec.burst) / spec.per_second()).ceil().max(1.0) as u64;
-    HeaderValue::from_str(&format!("\"{policy}\";q={};w={window}", spec.burst))
-        .unwrap_or(HeaderValue::from_static("\"default\";q=1;w=1"))
-}
-
-/// A refusal: what the 429 carries.
-#[derive(Debug, Clone)]
-pub struct Limited {
-    /// Whole seconds, rounded up, at least 1.
-    pub retry_after: u64,
-    /// The `RateLimit` value.
-    pub ratelimit: HeaderValue,
-    /// The `RateLimit-Policy` value.
-    pub policy: HeaderValue,
+    fn refused(&self, n: &NotUntil<TokioInstant>) -> Refused {
+        Refused::after(self.policy, self.spec, n.wait_time_from(TokioClock.now()))
+    }
 }
 
 type RouteBucket = Arc<Bucket<u128>>;
@@ -153,7 +206,7 @@ pub struct Limiters {
     routes: Vec<(Arc<str>, Option<RouteBucket>)>,
     admin: Arc<Bucket<u128>>,
     auth_failures: Arc<Bucket<IpAddr>>,
-    blocked: Arc<DashMap<IpAddr, (tokio::time::Instant, Limited)>>,
+    blocked: Arc<DashMap<IpAddr, (tokio::time::Instant, Refused)>>,
 }
 
 impl Limiters {
@@ -214,51 +267,43 @@ impl Limiters {
         }
     }
 
-    /// Admits a request of key `uid` (whose own quota is `own`) on route `route`; returns the
-    /// `RateLimit` value for the answer.
+    /// Admits a request of key `uid` (whose own quota is `own`) on route `route`.
     pub fn check_key(
         &self,
         uid: u128,
         own: Option<LimitSpec>,
         route: usize,
-    ) -> Result<HeaderValue, Limited> {
+    ) -> Result<Admitted, Refused> {
         let route_state = match self.routes.get(route).and_then(|(_, b)| b.as_ref()) {
-            Some(b) => Some((b.policy, b.check(&uid)?)),
+            Some(b) => Some(b.check(&uid)?),
             None => None,
         };
-        let (policy, key_state) = match own.filter(|o| *o != self.default.spec) {
-            None => (self.default.policy, self.default.check(&uid)?),
+        let key_state = match own.filter(|o| *o != self.default.spec) {
+            None => self.default.check(&uid)?,
             Some(spec) => {
                 let bucket = self
                     .by_quota
                     .entry(spec)
                     .or_insert_with(|| Arc::new(Bucket::new("key", spec)))
                     .clone();
-                (bucket.policy, bucket.check(&uid)?)
+                bucket.check(&uid)?
             }
         };
-        // Report the tighter of the two.
-        let (policy, (remaining, reset)) = match route_state {
-            Some((p, s)) if s.0 < key_state.0 => (p, s),
-            _ => (policy, key_state),
-        };
-        Ok(ratelimit_value(policy, remaining, reset))
+        Ok(Admitted::tighter(route_state, key_state))
     }
 
     /// Admits an admin API call of key `uid`.
-    pub fn check_admin(&self, uid: u128) -> Result<HeaderValue, Limited> {
-        self.admin
-            .check(&uid)
-            .map(|(r, t)| ratelimit_value(self.admin.policy, r, t))
+    pub fn check_admin(&self, uid: u128) -> Result<Admitted, Refused> {
+        self.admin.check(&uid)
     }
 
     /// Whether `ip` is blocked for failing authentication too often (checked before any key
     /// lookup).
-    pub fn ip_blocked(&self, ip: IpAddr) -> Option<Limited> {
+    pub fn ip_blocked(&self, ip: IpAddr) -> Option<Refused> {
         let entry = self.blocked.get(&ip)?;
-        let (until, limited) = entry.value();
+        let (until, refused) = entry.value();
         if *until > tokio::time::Instant::now() {
-            return Some(limited.clone());
+            return Some(*refused);
         }
         drop(entry);
         self.blocked.remove(&ip);
@@ -267,14 +312,14 @@ impl Limiters {
 
     /// Counts a failed authentication from `ip`; beyond the allowance the IP is blocked until
     /// it has earned a try back, and this request is refused with 429 too.
-    pub fn auth_failed(&self, ip: IpAddr) -> Option<Limited> {
+    pub fn auth_failed(&self, ip: IpAddr) -> Option<Refused> {
         match self.auth_failures.check(&ip) {
             Ok(_) => None,
-            Err(limited) => {
-                let until = tokio::time::Instant::now() + Duration::from_secs(limited.retry_after);
-                self.blocked.insert(ip, (until, limited.clone()));
+            Err(refused) => {
+                let until = tokio::time::Instant::now() + Duration::from_secs(refused.retry_after);
+                self.blocked.insert(ip, (until, refused));
                 tracing::warn!(%ip, "too many failed authentications; IP throttled");
-                Some(limited)
+                Some(refused)
             }
         }
     }
@@ -314,18 +359,19 @@ impl Limiters {
 }
 
 /// The limit stage: admits the grant's key on its route, or refuses with 429.
-pub fn limit(
-    limits: &Limiters,
+pub async fn limit(
+    quotas: &dyn Quotas,
     (index, _): (usize, &Route),
     grant: &super::authenticate::Grant,
-) -> Result<HeaderValue, crate::error::ProxyError> {
+) -> Result<Admitted, crate::error::ProxyError> {
     use super::authenticate::Grant;
     let (uid, own) = match grant {
         Grant::Key(p) => (p.key_uid, p.limit()),
         Grant::Passthrough { uid, .. } => (*uid, None),
     };
-    limits
-        .check_key(uid, own, index)
+    quotas
+        .check(uid, own, index)
+        .await
         .map_err(crate::error::ProxyError::RateLimited)
 }
 
@@ -340,6 +386,7 @@ mod tests {
                 default: spec,
                 auth_failures: LimitSpec::new(10.0, 20).unwrap(),
                 admin: spec,
+                backend: Default::default(),
             },
             &[],
         )
@@ -378,6 +425,7 @@ mod tests {
                 default: LimitSpec::new(1.0, 2).unwrap(),
                 auth_failures: LimitSpec::new(10.0, 20).unwrap(),
                 admin: LimitSpec::new(1.0, 2).unwrap(),
+                backend: Default::default(),
             },
             &[],
         );
@@ -392,6 +440,7 @@ mod tests {
                 default: LimitSpec::new(1.0, 5).unwrap(),
                 auth_failures: LimitSpec::new(10.0, 20).unwrap(),
                 admin: LimitSpec::new(1.0, 2).unwrap(),
+                backend: Default::default(),
             },
             &[],
         );
@@ -431,8 +480,10 @@ mod tests {
         assert!(l.check_key(1, None, 0).is_ok());
         let refused = l.check_key(1, None, 0).unwrap_err();
         assert_eq!(refused.retry_after, 1);
-        assert_eq!(refused.ratelimit, "\"default\";r=0;t=1");
-        assert_eq!(refused.policy, "\"default\";q=2;w=2");
+        let [retry, ratelimit, policy] = crate::error::refusal_headers(&refused);
+        assert_eq!(retry.1, "1");
+        assert_eq!(ratelimit.1, "\"default\";r=0;t=1");
+        assert_eq!(policy.1, "\"default\";q=2;w=2");
         assert!(
             l.check_key(2, None, 0).is_ok(),
             "another key is not affected"
@@ -441,7 +492,7 @@ mod tests {
         let got = hammer(&l, 3, own, 1, Duration::from_millis(1)).await;
         assert!((140..=160).contains(&got), "{got}");
         let ok = l.check_key(4, None, 0).unwrap();
-        assert_eq!(ok, "\"default\";r=1;t=1");
+        assert_eq!(crate::error::admission_header(&ok), "\"default\";r=1;t=1");
     }
 
     #[tokio::test(start_paused = true)]
@@ -451,7 +502,7 @@ mod tests {
         let l = Limiters::new(&cfg.limits, &cfg.routes);
         assert!(l.check_key(9, None, 0).is_ok());
         let refused = l.check_key(9, None, 0).unwrap_err();
-        assert!(refused.ratelimit.to_str().unwrap().starts_with("\"route\""));
+        assert_eq!(refused.policy, "route");
         // The key's default quota (10/s, 20) was not spent by the refusals.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(l.check_key(9, None, 0).is_ok());

@@ -123,7 +123,7 @@ async fn pipeline(
     if let authenticate::Grant::Key(p) = &grant {
         info.key_uid = Some(p.key_uid);
     }
-    let ratelimit = limit::limit(&live.limits, route, &grant)?;
+    let admitted = limit::limit(live.quotas.as_ref(), route, &grant).await?;
     let added = inject::inject(&live.credentials, route, grant, &mut req)?;
     let sent = Instant::now();
     let forwarded = forward::forward(
@@ -136,6 +136,7 @@ async fn pipeline(
     .await;
     info.upstream = Some(sent.elapsed());
     let mut res = forwarded?;
-    res.headers_mut().insert("ratelimit", ratelimit);
+    res.headers_mut()
+        .insert("ratelimit", crate::error::admission_header(&admitted));
     Ok(res)
 }

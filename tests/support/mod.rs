@@ -6,6 +6,7 @@
 pub mod h2raw;
 pub mod harness;
 pub mod postgres;
+pub mod redis;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
