@@ -452,6 +452,18 @@ inject = {{ ai_secret = "UP" }}
             status, _ = http_get(port, self.ctx, "/", self.tier_big_key(tier))
             if status != 200:
                 raise RuntimeError(f"{tier}: the h2 key got {status}")
+        if tier in FLEET_TIERS:
+            # What the fleet tier runs on, as keygate says: a tier quietly on the embedded
+            # store, or on local quotas because Redis is unreachable, would measure nothing.
+            ready = self.kg_readyz(tier)
+            store = ready.get("checks", {}).get("key_store", {}).get("backend")
+            limits = ready.get("limits", {})
+            want_store = "sqlite" if tier == "keygate-redis" else "postgres"
+            want_limits = "redis" if tier == "keygate-redis" else limits.get("backend", "local")
+            if (store and want_store not in str(store).lower()) \
+                    or limits.get("backend", "local") != want_limits or limits.get("degraded"):
+                raise RuntimeError(f"{tier}: /readyz says store {store!r}, limits {limits}")
+            self.note(f"{tier}: /readyz says key store {store!r}, limits {limits}")
         log(f"{tier}: OK on 127.0.0.1:{port} (credential rewritten, unknown key 401)"
             if tier != "direct" else f"direct: OK on 127.0.0.1:{port}")
 
@@ -484,9 +496,10 @@ inject = {{ ai_secret = "UP" }}
 
     # ---- reloads (W7)
 
-    def kg_readyz(self) -> dict:
-        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...}}."""
-        status, body = http_get(self.ports["keygate_admin"], self.ctx, "/readyz", None, timeout=3.0)
+    def kg_readyz(self, tier: str = "keygate") -> dict:
+        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...},
+        "checks": {"key_store": {"backend"...}}, "limits": {"backend", "degraded"}}."""
+        status, body = http_get(self.ports[f"{tier}_admin"], self.ctx, "/readyz", None, timeout=3.0)
         try:
             return json.loads(body)
         except ValueError:
