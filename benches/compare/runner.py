@@ -19,7 +19,8 @@ import time
 
 from .common import (APT_PKG, FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, LOAD_CORE, MODES, PROBE,
                      RESULTS, ROOT, TIER_TOOL, TMP, find_tools, log)
-from .processes import OtherLoad, Processes, cpu_since, cpu_snapshot, cpu_us, rss_kib
+from .processes import (OtherLoad, Processes, cpu_since, cpu_since_by_process, cpu_snapshot,
+                        cpu_us, rss_kib)
 from .report import write_outputs
 from .tiers import Tiers
 from .workloads import WORKLOADS, h2load_h2, wrk
@@ -101,8 +102,9 @@ class Bench:
             return
         c1, f1 = cpu_us(pids), cpu_us(fpids)
         # Backends that started during the run count too (PostgreSQL forks one per connection).
-        s1 = [cpu_since(before, self.tiers.server_pids(tier)[i][2])
-              for i, before in enumerate(s0)]
+        now = self.tiers.server_pids(tier)
+        s1 = [cpu_since(before, now[i][2]) for i, before in enumerate(s0)]
+        by_process = [cpu_since_by_process(before, now[i][2]) for i, before in enumerate(s0)]
         reqs = m.get("requests") or 0
         m["wall_s"] = time.monotonic() - t0
         m["other_cpu_pct"], m["steal_pct"] = other.done()
@@ -115,8 +117,9 @@ class Bench:
             m["rss_mib"] = rss_kib(pids) / 1024
         if fpids and reqs:
             m["fixture_cpu_us_per_req"] = (f1 - f0) / reqs
-        for (metric, name, _), used in zip(servers, s1):
+        for (metric, name, _), used, procs in zip(servers, s1, by_process):
             m[f"{name}_cpu_s"] = used / 1e6
+            m[f"{name}_cpu_ms_by_process"] = procs
             if reqs:
                 m[metric] = used / reqs
         rec["metrics"] = m

@@ -25,7 +25,8 @@ from pathlib import Path
 from .client import http_get, tls_context
 from .common import (FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, KEYGATES, LOAD_CORE, MODES, N_KEYS,
                      PROXY_CORE, TEMPLATES, TIER_TOOL, TOKEN, WORK, log)
-from .processes import Processes, children, free_port, tree, wait_for_line, wait_for_port
+from .processes import (Processes, children, free_port, free_ports, tree, wait_for_line,
+                        wait_for_port)
 
 REDIS_PREFIX = "keygate:"
 
@@ -149,15 +150,15 @@ inject = {{ ai_secret = "UP" }}
             shutil.rmtree(WORK)
         (WORK / "kg").mkdir(parents=True)
         (WORK / "nginx-tmp").mkdir()
-        for name in ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy",
-                     "keygate-pg", "keygate-pg_admin", "keygate-redis", "keygate-redis_admin",
-                     "postgres", "redis"):
-            self.ports[name] = free_port()
+        names = ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy",
+                 "keygate-pg", "keygate-pg_admin", "keygate-redis", "keygate-redis_admin",
+                 "postgres", "redis", "certgen", "certgen_admin")
+        self.ports.update(zip(names, free_ports(len(names))))
 
         # Certificates: keygate writes its development CA and server certificate on start.
         log("generating certificates (keygate serve with [tls] dev_dir)")
         cfg0 = WORK / "certgen.toml"
-        self.keygate_config(cfg0, free_port(), free_port(), certgen=True)
+        self.keygate_config(cfg0, self.ports["certgen"], self.ports["certgen_admin"], certgen=True)
         lp = WORK / "certgen.log"
         env = dict(os.environ, KEYGATE_LOG="warn")
         p = self.procs.start("keygate (certgen)", [str(KEYGATE), "--config", str(cfg0), "serve"],
@@ -258,7 +259,13 @@ inject = {{ ai_secret = "UP" }}
         url = self.start_postgres()
         self.keygate_config(cfg, self.ports[tier], self.ports[f"{tier}_admin"], certgen=False,
                             store_url=url)
-        kg = [str(KEYGATE), "--config", str(cfg)]
+        # The CLI that makes the keys gets a longer store.timeout than the server's (the
+        # default, 3 s): `keys create --count 10000` is one transaction that takes longer than
+        # 3 s on PostgreSQL here. The server's config is keygate-pg.toml, unchanged.
+        cli_cfg = WORK / f"{tier}-cli.toml"
+        text = cfg.read_text()
+        cli_cfg.write_text(text.replace(f'url = "{url}"\n', f'url = "{url}"\ntimeout = "120s"\n', 1))
+        kg = [str(KEYGATE), "--config", str(cli_cfg)]
         r = self.procs.run(kg + ["secrets", "put", "UP", "--type", "openai"], None, 60,
                            stdin=f"{TOKEN}\n".encode(), env=env)
         if r.returncode:
@@ -277,6 +284,14 @@ inject = {{ ai_secret = "UP" }}
         if r.returncode or not big.startswith("sk-"):
             raise RuntimeError(f"keys create (PostgreSQL, h2 key) failed: "
                                f"{r.stderr.decode(errors='replace')}")
+        # Statistics for the fresh keys table now, not by autovacuum during a measured run.
+        bindir = Path(self.tools["postgres"])
+        r = self.procs.run([str(bindir / "psql"), "-X", "-q", "-h", "127.0.0.1", "-p",
+                            str(self.ports["postgres"]), "-U", "postgres", "-d", "keygate", "-c",
+                            "VACUUM ANALYZE"], LOAD_CORE, 120,
+                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"})
+        if r.returncode:
+            raise RuntimeError(f"VACUUM ANALYZE failed: {r.stderr.decode(errors='replace')[-400:]}")
         kf = WORK / f"keys-{tier}.txt"
         kf.write_text("\n".join(keys) + "\n")
         self.tier_keys[tier] = (str(kf), keys, big)
