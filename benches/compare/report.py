@@ -248,7 +248,7 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
         o.append(f'<text x="{px + 8}" y="{py + 18}" font-weight="bold">{svg_escape(label)}</text>')
         o.append(f'<text x="{px + pw - 8}" y="{py + 18}" text-anchor="end" fill="#666">'
                  f'{"higher" if higher else "lower"} is better</text>')
-        bx, bw = px + 72, pw - 72 - 70
+        bx, bw = px + 96, pw - 96 - 70  # room for "keygate-redis"
         for j, t in enumerate(shown):
             y = py + 30 + j * 26
             o.append(f'<text x="{bx - 6}" y="{y + 14}" text-anchor="end">{t}</text>')
