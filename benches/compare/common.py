@@ -1,10 +1,13 @@
 """What every part of the side-by-side benchmark shares: where things are (the repository, the
 release binaries, the templates, the results and the scratch directory), the tiers and their
-order, the cores, the two run modes, the commands that install missing tools, and log()."""
+order (with the fleet tiers: keygate over a private PostgreSQL store or with its quotas in a
+private Redis), the cores, the two run modes, the commands that install missing tools, and
+log()."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import time
 from pathlib import Path
@@ -22,8 +25,16 @@ PROBE = RELEASE / "examples" / "sse-probe"
 
 TOKEN = "bench-upstream-token"
 N_KEYS = 10_000
-TIERS = ["direct", "keygate", "nginx", "haproxy"]
+TIERS = ["direct", "keygate", "keygate-pg", "keygate-redis", "nginx", "haproxy"]
 PEERS = ["direct", "nginx", "haproxy"]
+# keygate configured exactly like the keygate tier, but over a private PostgreSQL store
+# (keygate-pg) or with [limits] backend = "redis" on a private redis-server (keygate-redis;
+# the keygate tier's SQLite store). They run W8 only, beside the keygate tier.
+FLEET_TIERS = ["keygate-pg", "keygate-redis"]
+KEYGATES = ["keygate"] + FLEET_TIERS
+# The tool a tier needs besides keygate (the tier is skipped, saying how to install it).
+TIER_TOOL = {"nginx": "nginx", "haproxy": "haproxy", "keygate-pg": "postgres",
+             "keygate-redis": "redis-server"}
 PROXY_CORE = 0
 LOAD_CORE = 1
 
@@ -44,9 +55,11 @@ INSTALL = {
     "haproxy": "apt-get install haproxy",
     "taskset": "apt-get install util-linux",
     "oha": "cargo install oha",
+    "postgres": "apt-get install postgresql",
+    "redis-server": "apt-get install redis-server",
 }
 APT_PKG = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "haproxy": "haproxy",
-           "taskset": "util-linux"}
+           "taskset": "util-linux", "postgres": "postgresql", "redis-server": "redis-server"}
 
 
 def log(msg: str) -> None:
@@ -55,4 +68,25 @@ def log(msg: str) -> None:
 
 def find_tools() -> dict[str, str | None]:
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/local/sbin"
-    return {t: shutil.which(t, path=path) for t in INSTALL}
+    tools = {t: shutil.which(t, path=path) for t in INSTALL}
+    tools["postgres"] = postgres_bin()
+    return tools
+
+
+def postgres_bin() -> str | None:
+    """The newest Debian PostgreSQL's bin directory (/usr/lib/postgresql/<version>/bin), when it
+    has initdb and postgres and the postgres system user exists (PostgreSQL refuses root)."""
+    found = []
+    for d in Path("/usr/lib/postgresql").glob("*/bin"):
+        if (d / "postgres").exists() and (d / "initdb").exists():
+            try:
+                found.append((int(d.parent.name.split(".")[0]), str(d)))
+            except ValueError:
+                continue
+    if not found:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+    return max(found)[1]

@@ -12,10 +12,11 @@ import re
 import statistics
 from pathlib import Path
 
-from .common import PEERS, RESULTS, TIERS, log
+from .common import FLEET_TIERS, PEERS, RESULTS, TIERS, log
 from .workloads import NOT_MEASURED, WORKLOADS
 
-COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#ff7f0e"}
+COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "keygate-pg": "#6baed6",
+          "keygate-redis": "#9467bd", "nginx": "#2ca02c", "haproxy": "#ff7f0e"}
 
 
 def columns(wname: str) -> list[tuple]:
@@ -218,7 +219,10 @@ def svg_escape(s: str) -> str:
 def write_svg(path: Path, meta: dict, summary: dict) -> None:
     panels = [c for c in chart() if c[0] in summary
               and any(summary[c[0]]["tiers"].get(t, {}).get(c[1]) for t in TIERS)]
-    pw, ph, cols = 470, 30 + 26 * len(TIERS) + 24, 2
+    # The fleet tiers only when measured (they run W8 only).
+    shown = [t for t in TIERS if t not in FLEET_TIERS
+             or any(t in s["tiers"] for s in summary.values())]
+    pw, ph, cols = 470, 30 + 26 * len(shown) + 24, 2
     rows = max(1, math.ceil(len(panels) / cols))
     W, H = 20 + cols * (pw + 20), 70 + rows * (ph + 16) + 30
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
@@ -230,22 +234,22 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
          f'{meta["nproc"]} CPUs · {"quick" if meta["quick"] else "full"} · {meta["rounds"]} '
          f'round{"s" if meta["rounds"] != 1 else ""} · '
          f'bar = median, line = min–max over rounds</text>']
-    legend_x = W - 20 - 4 * 90
-    for i, t in enumerate(TIERS):
-        x = legend_x + i * 90
+    legend_x = W - 20 - len(shown) * 100
+    for i, t in enumerate(shown):
+        x = legend_x + i * 100
         o.append(f'<rect x="{x}" y="20" width="12" height="12" fill="{COLORS[t]}"/>'
                  f'<text x="{x + 16}" y="30">{t}</text>')
     for i, (wname, metric, label, higher, *how) in enumerate(panels):
         px, py = 20 + (i % cols) * (pw + 20), 64 + (i // cols) * (ph + 16)
         tiers = summary[wname]["tiers"]
-        vals = {t: [v for v in tiers.get(t, {}).get(metric, []) if v is not None] for t in TIERS}
+        vals = {t: [v for v in tiers.get(t, {}).get(metric, []) if v is not None] for t in shown}
         vmax = max((max(v) for v in vals.values() if v), default=1.0) or 1.0
         o.append(f'<rect x="{px}" y="{py}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ddd"/>')
         o.append(f'<text x="{px + 8}" y="{py + 18}" font-weight="bold">{svg_escape(label)}</text>')
         o.append(f'<text x="{px + pw - 8}" y="{py + 18}" text-anchor="end" fill="#666">'
                  f'{"higher" if higher else "lower"} is better</text>')
-        bx, bw = px + 72, pw - 72 - 70
-        for j, t in enumerate(TIERS):
+        bx, bw = px + 96, pw - 96 - 70  # room for "keygate-redis"
+        for j, t in enumerate(shown):
             y = py + 30 + j * 26
             o.append(f'<text x="{bx - 6}" y="{y + 14}" text-anchor="end">{t}</text>')
             v = vals[t]

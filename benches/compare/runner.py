@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 
-from .common import (APT_PKG, FIXTURE, INSTALL, KEYGATE, LOAD_CORE, MODES, PROBE, RESULTS, ROOT,
-                     TMP, find_tools, log)
-from .processes import OtherLoad, Processes, cpu_us, rss_kib
+from .common import (APT_PKG, FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, LOAD_CORE, MODES, PROBE,
+                     RESULTS, ROOT, TIER_TOOL, TMP, find_tools, log)
+from .processes import (OtherLoad, Processes, cpu_since, cpu_since_by_process, cpu_snapshot,
+                        cpu_us, rss_kib)
 from .report import write_outputs
 from .tiers import Tiers
 from .workloads import WORKLOADS, h2load_h2, wrk
@@ -85,6 +86,9 @@ class Bench:
         own = spec.own_accounting  # these replace the process(es) and account for themselves
         pids = [] if own else self.tiers.pids(tier)
         fpids = [] if own else self.tiers.fixture_pids()
+        # The fleet tiers' PostgreSQL or Redis (on the load generator's core), like the fixture.
+        servers = [] if own else self.tiers.server_pids(tier)
+        s0 = [cpu_snapshot(spids) for _, _, spids in servers]
         c0, f0, t0 = cpu_us(pids), cpu_us(fpids), time.monotonic()
         other = OtherLoad()
         rec = {"round": rnd, "tier": tier, "workload": workload}
@@ -97,6 +101,10 @@ class Bench:
             log(f"  {workload:<13} {tier:<8} FAILED: {rec['failed'][:300]}")
             return
         c1, f1 = cpu_us(pids), cpu_us(fpids)
+        # Backends that started during the run count too (PostgreSQL forks one per connection).
+        now = self.tiers.server_pids(tier)
+        s1 = [cpu_since(before, now[i][2]) for i, before in enumerate(s0)]
+        by_process = [cpu_since_by_process(before, now[i][2]) for i, before in enumerate(s0)]
         reqs = m.get("requests") or 0
         m["wall_s"] = time.monotonic() - t0
         m["other_cpu_pct"], m["steal_pct"] = other.done()
@@ -109,6 +117,11 @@ class Bench:
             m["rss_mib"] = rss_kib(pids) / 1024
         if fpids and reqs:
             m["fixture_cpu_us_per_req"] = (f1 - f0) / reqs
+        for (metric, name, _), used, procs in zip(servers, s1, by_process):
+            m[f"{name}_cpu_s"] = used / 1e6
+            m[f"{name}_cpu_ms_by_process"] = procs
+            if reqs:
+                m[metric] = used / reqs
         rec["metrics"] = m
         self.measurements.append(rec)
         shown = {k: m.get(k) for k, *_ in spec.columns}
@@ -121,11 +134,14 @@ class Bench:
                 f"non-2xx={m.get('non_2xx', '')}")
 
     def warm_up(self, tiers: list[str], secs: int, h2: bool) -> None:
-        log(f"warm-up: {', '.join(tiers)} ({secs} s each)")
+        # keygate-pg fills its key cache of 10,000 keys from PostgreSQL: at least 3 s.
+        log(f"warm-up: {', '.join(tiers)} ({secs} s each"
+            + (", fleet tiers at least 3 s)" if set(tiers) & set(FLEET_TIERS) else ")"))
         for tier in tiers:
             try:
                 if self.tools.get("wrk"):
-                    wrk(self.tiers, tier, 64, secs, "/", ["GET", "0"])
+                    wrk(self.tiers, tier, 64, max(secs, 3) if tier in FLEET_TIERS else secs, "/",
+                        ["GET", "0"])
                 if h2 and self.tools.get("h2load"):
                     h2load_h2(self.tiers, tier, secs)
             except Exception as e:
@@ -136,8 +152,7 @@ class Bench:
         tiers = self.tiers.names()
         for t in self.args.tier_list:
             if t not in tiers:
-                self.skipped.append({"workload": "*", "tier": t,
-                                     "reason": f"{t} not installed ({INSTALL[t]})"})
+                self.skipped.append({"workload": "*", "tier": t, "reason": self.tiers.why_not(t)})
         log(f"tiers: {', '.join(tiers)}; workloads: {', '.join(workloads)}; "
             f"rounds: {self.args.rounds}")
         quick = self.args.quick
@@ -162,6 +177,13 @@ class Bench:
                         if rnd == 1:
                             self.skipped.append({"workload": w, "tier": tier, "reason": reason})
                         continue
+                    on = WORKLOADS[w].on_tiers
+                    if (tier not in on) if on else (tier in FLEET_TIERS):
+                        # The fleet tiers run W8 only; W8 runs on keygate and the fleet tiers.
+                        if rnd == 1 and on:
+                            self.skipped.append({"workload": w, "tier": tier,
+                                                 "reason": f"runs on {', '.join(on)} only"})
+                        continue
                     if time.monotonic() - self.started_at > budget:
                         self.skipped.append({"workload": w, "tier": tier, "round": rnd,
                                              "reason": f"time budget of {budget} s used up"})
@@ -184,11 +206,14 @@ def main(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
 
     tools = find_tools()
-    missing = [t for t in ("wrk", "h2load", "nginx", "haproxy", "taskset") if not tools[t]]
+    wanted = ["wrk", "h2load", "nginx", "haproxy", "taskset"] + [
+        TIER_TOOL[t] for t in FLEET_TIERS if t in args.tier_list]
+    missing = [t for t in wanted if not tools[t]]
     if missing:
         pkgs = " ".join(APT_PKG[t] for t in missing)
         print(f"missing: {', '.join(missing)}; install with:  apt-get install {pkgs}\n"
-              f"(everything: apt-get install wrk nghttp2-client nginx haproxy; optional: cargo install oha)\n"
+              f"(everything: apt-get install wrk nghttp2-client nginx haproxy postgresql "
+              f"redis-server; optional: cargo install oha)\n"
               f"running what can run without them.", flush=True)
     if not tools["oha"]:
         print("optional oha not found (cargo install oha); W1-rate uses h2load --rps instead.", flush=True)
@@ -207,6 +232,12 @@ def main(args) -> int:
         if not b.exists():
             print(f"{b} is missing: run without --no-build", file=sys.stderr)
             return 1
+    # The fleet tiers (a PostgreSQL and a Redis to start, 10,000 keys to make) only when a
+    # workload that runs on them (W8) is selected.
+    selected = [w for w in WORKLOADS if args.only is None
+                or any(w == o or w.startswith(o + "-") for o in args.only)]
+    if not any(set(FLEET_TIERS) & set(WORKLOADS[w].on_tiers or []) for w in selected):
+        args.tier_list = [t for t in args.tier_list if t not in FLEET_TIERS]
     t_bench = time.monotonic()
     # What was built (read now: the tree may change while the benchmark runs).
     commit = git("rev-parse", "--short", "HEAD") or "unknown"

@@ -1,13 +1,18 @@
 """The tiers: the processes under test and how to reach them. direct is the upstream fixture
-(examples/bench_upstream.rs) itself; keygate, nginx and HAProxy proxy to it. This module owns
+(examples/bench_upstream.rs) itself; keygate, nginx and HAProxy proxy to it. The fleet tiers
+are keygate again with the same config but for the store (keygate-pg: a private PostgreSQL,
+its own 10,000 keys made by the same CLI) or the quotas (keygate-redis: [limits] backend =
+"redis" on a private redis-server, the keygate tier's SQLite store and keys). This module owns
 their certificates (keygate's development CA), the 10,000 keys and the key with a large quota,
-their configs (keygate's written here, nginx's and HAProxy's from benches/templates), starting,
-checking, restarting and reloading them, and which pids to measure."""
+their configs (keygate's written here, nginx's and HAProxy's from benches/templates), the
+private PostgreSQL and Redis servers (on the load generator's core), starting, checking,
+restarting and reloading them, and which pids to measure."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -18,9 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .client import http_get, tls_context
-from .common import (FIXTURE, KEYGATE, LOAD_CORE, MODES, N_KEYS, PROXY_CORE, TEMPLATES, TOKEN,
-                     WORK, log)
-from .processes import Processes, children, free_port, wait_for_line, wait_for_port
+from .common import (FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, KEYGATES, LOAD_CORE, MODES, N_KEYS,
+                     PROXY_CORE, TEMPLATES, TIER_TOOL, TOKEN, WORK, log)
+from .processes import (Processes, children, free_port, free_ports, tree, wait_for_line,
+                        wait_for_port)
+
+REDIS_PREFIX = "keygate:"
 
 
 class Tiers:
@@ -40,6 +48,11 @@ class Tiers:
         self.ca = self.certs / "ca.pem"
         self.keys: list[str] = []
         self.big_key = ""
+        # Tiers whose keys are not keys.txt's (keygate-pg: made in its own store): (key file,
+        # the keys, the key with a large quota).
+        self.tier_keys: dict[str, tuple[str, list[str], str]] = {}
+        self.servers: dict[str, subprocess.Popen] = {}  # "postgres", "redis" (fleet tiers)
+        self.unavailable: dict[str, str] = {}  # tier -> why it does not run (set up)
         self.ports: dict[str, int] = {}  # every listener, by name (setup)
         self.port: dict[str, int] = {}   # each tier's TLS port, the one its clients use (setup)
         self.proc: dict[str, subprocess.Popen] = {}
@@ -47,6 +60,24 @@ class Tiers:
         self.needs_warmup: set[str] = set()  # restarted proxies, their key caches cold
 
     # ---- setup
+
+    def key_file(self, tier: str) -> str:
+        return self.tier_keys[tier][0] if tier in self.tier_keys else str(WORK / "keys.txt")
+
+    def tier_key(self, tier: str, i: int) -> str:
+        return (self.tier_keys[tier][1] if tier in self.tier_keys else self.keys)[i]
+
+    def tier_big_key(self, tier: str) -> str:
+        return self.tier_keys[tier][2] if tier in self.tier_keys else self.big_key
+
+    def server_pids(self, tier: str) -> list[tuple[str, str, list[int]]]:
+        """The fleet tier's shared server, which runs on the load generator's core:
+        [(metric, name, pids)]; PostgreSQL: the postmaster and its backends and workers."""
+        name = {"keygate-pg": "postgres", "keygate-redis": "redis"}.get(tier)
+        if not name or name not in self.servers:
+            return []
+        metric = "store_cpu_us_per_req" if name == "postgres" else "redis_cpu_us_per_req"
+        return [(metric, name, tree(self.servers[name].pid))]
 
     def pids(self, tier: str) -> list[int]:
         if tier == "direct":
@@ -62,7 +93,10 @@ class Tiers:
     def fixture_pids(self) -> list[int]:
         return [self.proc["fixture"].pid]
 
-    def keygate_config(self, path: Path, proxy: int, admin: int, certgen: bool) -> None:
+    def keygate_config(self, path: Path, proxy: int, admin: int, certgen: bool,
+                       store_url: str | None = None, redis_url: str | None = None) -> None:
+        """keygate's bench config; the fleet tiers' differ only by store_url (the PostgreSQL
+        store instead of SQLite) or redis_url ([limits] backend = "redis")."""
         if certgen:
             tls = f'dev_dir = "{self.certs}"'
             upstream = ""
@@ -70,10 +104,16 @@ class Tiers:
             tls = f'cert = "{self.certs}/server.pem"\nkey = "{self.certs}/server-key.pem"'
             h2 = "true" if self.args.keygate_upstream == "h2" else "false"
             upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
-        # --keygate-redis: the per-key quotas in a Redis (fleet mode); one script per request.
-        redis = getattr(self.args, "keygate_redis", None)
-        fleet = (f'backend = "redis"\nredis_url = "{redis}"\nredis_prefix = "keygate-bench:"\n'
-                 if redis else "")
+        # Every instance of a fleet shares the master key: the same file here.
+        store = (f'url = "{store_url}"' if store_url else f'path = "{WORK}/kg/keygate.db"')
+        # --keygate-redis URL: every keygate config (the keygate tier's, and so keygate-pg's
+        # alike) keeps its per-key quotas in that Redis (one you started), under its own prefix;
+        # the keygate-redis tier's private Redis (redis_url) comes first.
+        prefix = REDIS_PREFIX
+        if not redis_url and getattr(self.args, "keygate_redis", None):
+            redis_url, prefix = self.args.keygate_redis, "keygate-bench:"
+        limits_backend = (f'backend = "redis"\nredis_url = "{redis_url}"\n'
+                          f'redis_prefix = "{prefix}"\n' if redis_url else "")
         path.write_text(f"""# written by benches/compare.py
 [listen]
 proxy = "127.0.0.1:{proxy}"
@@ -83,7 +123,7 @@ admin = "127.0.0.1:{admin}"
 {tls}
 
 [store]
-path = "{WORK}/kg/keygate.db"
+{store}
 master_key_file = "{WORK}/kg/master.key"
 
 {upstream}
@@ -93,7 +133,7 @@ cache_ttl = "1h"      # the run is <= 20 min: no mass expiry of the 10,000 warme
 [limits]
 default = {{ per_second = 1000, burst = 2000 }}
 admin = {{ per_second = 100000, burst = 100000 }}
-{fleet}
+{limits_backend}
 [server]
 worker_threads = 1
 max_connections = 20000
@@ -110,13 +150,15 @@ inject = {{ ai_secret = "UP" }}
             shutil.rmtree(WORK)
         (WORK / "kg").mkdir(parents=True)
         (WORK / "nginx-tmp").mkdir()
-        for name in ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy"):
-            self.ports[name] = free_port()
+        names = ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy",
+                 "keygate-pg", "keygate-pg_admin", "keygate-redis", "keygate-redis_admin",
+                 "postgres", "redis", "certgen", "certgen_admin")
+        self.ports.update(zip(names, free_ports(len(names))))
 
         # Certificates: keygate writes its development CA and server certificate on start.
         log("generating certificates (keygate serve with [tls] dev_dir)")
         cfg0 = WORK / "certgen.toml"
-        self.keygate_config(cfg0, free_port(), free_port(), certgen=True)
+        self.keygate_config(cfg0, self.ports["certgen"], self.ports["certgen_admin"], certgen=True)
         lp = WORK / "certgen.log"
         env = dict(os.environ, KEYGATE_LOG="warn")
         p = self.procs.start("keygate (certgen)", [str(KEYGATE), "--config", str(cfg0), "serve"],
@@ -172,9 +214,24 @@ inject = {{ ai_secret = "UP" }}
         self.proc["fixture"] = self.start_fixture(self.ports["fixture"], self.ports["fixture_plain"],
                                                   "fixture")
         self.port = {"direct": self.ports["fixture"], "keygate": self.ports["keygate"],
+                     "keygate-pg": self.ports["keygate-pg"],
+                     "keygate-redis": self.ports["keygate-redis"],
                      "nginx": self.ports["nginx"], "haproxy": self.ports["haproxy"]}
         for tier in self.names():
-            if tier != "direct":
+            if tier in FLEET_TIERS:
+                try:
+                    self.setup_fleet(tier, env)
+                except Exception as e:
+                    self.unavailable[tier] = f"set-up failed: {type(e).__name__}: {e}"[:600]
+                    log(f"{tier}: {self.unavailable[tier]}")
+        for tier in self.names():
+            if tier in FLEET_TIERS:
+                try:
+                    self.start_proxy(tier)
+                except Exception as e:
+                    self.unavailable[tier] = f"keygate did not start: {e}"[-600:]
+                    log(f"{tier}: {self.unavailable[tier]}")
+            elif tier != "direct":
                 if tier == "nginx":
                     r = self.procs.run(self.nginx_argv() + ["-t"], None, 30)
                     if r.returncode:
@@ -186,6 +243,115 @@ inject = {{ ai_secret = "UP" }}
                         raise RuntimeError(f"haproxy -c: {(r.stdout + r.stderr).decode(errors='replace')}")
                 self.start_proxy(tier)
         self.check_tiers()
+
+    # ---- the fleet tiers' servers and stores
+
+    def setup_fleet(self, tier: str, env: dict) -> None:
+        """keygate-pg: a private PostgreSQL, then the secret and 10,000 keys (+ the key with a
+        large quota) in it with the CLI, as for the SQLite store. keygate-redis: a private
+        redis-server; the store is the keygate tier's SQLite file (the same keys)."""
+        cfg = WORK / f"{tier}.toml"
+        if tier == "keygate-redis":
+            url = self.start_redis()
+            self.keygate_config(cfg, self.ports[tier], self.ports[f"{tier}_admin"], certgen=False,
+                                redis_url=url)
+            return
+        url = self.start_postgres()
+        self.keygate_config(cfg, self.ports[tier], self.ports[f"{tier}_admin"], certgen=False,
+                            store_url=url)
+        # The CLI that makes the keys gets a longer store.timeout than the server's (the
+        # default, 3 s): `keys create --count 10000` is one transaction that takes longer than
+        # 3 s on PostgreSQL here. The server's config is keygate-pg.toml, unchanged.
+        cli_cfg = WORK / f"{tier}-cli.toml"
+        text = cfg.read_text()
+        cli_cfg.write_text(text.replace(f'url = "{url}"\n', f'url = "{url}"\ntimeout = "120s"\n', 1))
+        kg = [str(KEYGATE), "--config", str(cli_cfg)]
+        r = self.procs.run(kg + ["secrets", "put", "UP", "--type", "openai"], None, 60,
+                           stdin=f"{TOKEN}\n".encode(), env=env)
+        if r.returncode:
+            raise RuntimeError(f"secrets put (PostgreSQL) failed: {r.stderr.decode(errors='replace')}")
+        t0 = time.monotonic()
+        r = self.procs.run(kg + ["keys", "create", "--name", "bench", "--count", str(N_KEYS)],
+                           None, 300, env=env)
+        keys = [k for k in r.stdout.decode().split("\n") if k.strip()]
+        if r.returncode or len(keys) != N_KEYS:
+            raise RuntimeError(f"keys create (PostgreSQL) gave {len(keys)} keys: "
+                               f"{r.stderr.decode(errors='replace')}")
+        log(f"{tier}: {N_KEYS} keys created in PostgreSQL in {time.monotonic() - t0:.1f} s")
+        r = self.procs.run(kg + ["keys", "create", "--name", "bench-h2", "--rate", "1000000",
+                                 "--burst", "1000000"], None, 60, env=env)
+        big = r.stdout.decode().strip()
+        if r.returncode or not big.startswith("sk-"):
+            raise RuntimeError(f"keys create (PostgreSQL, h2 key) failed: "
+                               f"{r.stderr.decode(errors='replace')}")
+        # Statistics for the fresh keys table now, not by autovacuum during a measured run.
+        bindir = Path(self.tools["postgres"])
+        r = self.procs.run([str(bindir / "psql"), "-X", "-q", "-h", "127.0.0.1", "-p",
+                            str(self.ports["postgres"]), "-U", "postgres", "-d", "keygate", "-c",
+                            "VACUUM ANALYZE"], LOAD_CORE, 120,
+                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"})
+        if r.returncode:
+            raise RuntimeError(f"VACUUM ANALYZE failed: {r.stderr.decode(errors='replace')[-400:]}")
+        kf = WORK / f"keys-{tier}.txt"
+        kf.write_text("\n".join(keys) + "\n")
+        self.tier_keys[tier] = (str(kf), keys, big)
+
+    def start_postgres(self) -> str:
+        """initdb + postgres as the postgres user (PostgreSQL refuses root; setpriv execs, so
+        the pid is the postmaster's, and its parent-death signal is SIGINT, a fast shutdown),
+        on 127.0.0.1:port and a socket in WORK/pg/sock, on the load generator's core. Trust
+        authentication (loopback only, a throw-away cluster); fsync and synchronous commit off.
+        Returns the store URL."""
+        bindir = Path(self.tools["postgres"])
+        pw = pwd.getpwnam("postgres")
+        root = WORK / "pg"
+        (root / "sock").mkdir(parents=True)
+        for d in (root, root / "sock"):
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+        as_pg = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+                 "--pdeathsig", "INT", "--"]
+        # No PG* variable of the caller's environment leaks in.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+        r = self.procs.run(as_pg + [str(bindir / "initdb"), "-D", str(root / "data"), "-U",
+                                    "postgres", "--auth=trust", "-E", "UTF8", "--locale=C",
+                                    "--no-sync", "--no-instructions"], LOAD_CORE, 120, env=env)
+        if r.returncode:
+            raise RuntimeError(f"initdb failed: {(r.stdout + r.stderr).decode(errors='replace')[-600:]}")
+        port = self.ports["postgres"]
+        lp = WORK / "postgres.log"
+        p = self.procs.start("postgres", as_pg + [
+            str(bindir / "postgres"), "-D", str(root / "data"), "-k", str(root / "sock"),
+            "-c", "listen_addresses=127.0.0.1", "-p", str(port), "-c", "fsync=off",
+            "-c", "synchronous_commit=off", "-c", "full_page_writes=off"], LOAD_CORE, lp, env=env)
+        p.stop_signal = signal.SIGINT
+        self.servers["postgres"] = p
+        wait_for_line(p, lp, "database system is ready to accept connections", 60, "postgres")
+        r = self.procs.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                            "postgres", "keygate"], LOAD_CORE, 30, env=env)
+        if r.returncode:
+            raise RuntimeError(f"createdb failed: {r.stderr.decode(errors='replace')[-400:]}")
+        version = self.procs.run([str(bindir / "postgres"), "--version"], None, 10)
+        self.note(f"keygate-pg: {version.stdout.decode().strip()} on 127.0.0.1:{port} "
+                  f"(initdb --auth=trust, fsync=off, synchronous_commit=off), on the load "
+                  f"generator's core")
+        return f"postgres://postgres@127.0.0.1:{port}/keygate"
+
+    def start_redis(self) -> str:
+        """redis-server on 127.0.0.1:port without persistence, on the load generator's core."""
+        port = self.ports["redis"]
+        (WORK / "redis").mkdir(exist_ok=True)
+        lp = WORK / "redis.log"
+        p = self.procs.start("redis-server", [
+            "setpriv", "--pdeathsig", "TERM", "--", self.tools["redis-server"],
+            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(WORK / "redis")], LOAD_CORE, lp)
+        self.servers["redis"] = p
+        wait_for_line(p, lp, "Ready to accept connections", 30, "redis-server")
+        version = self.procs.run([self.tools["redis-server"], "--version"], None, 10)
+        self.note(f"keygate-redis: {version.stdout.decode().split(' sha=')[0].strip()} on "
+                  f"127.0.0.1:{port} (--save '' --appendonly no), on the load generator's core; "
+                  f"the keygate tier's SQLite store")
+        return f"redis://127.0.0.1:{port}/0"
 
     def start_fixture(self, tls_port: int, plain_port: int | None, name: str) -> subprocess.Popen:
         lp = WORK / f"{name}.log"
@@ -206,11 +372,11 @@ inject = {{ ai_secret = "UP" }}
 
     def start_proxy(self, tier: str) -> None:
         lp = WORK / f"{tier}.log"
-        if tier == "keygate":
+        if tier in KEYGATES:
             env = dict(os.environ, KEYGATE_LOG="warn")
-            p = self.procs.start("keygate", [str(KEYGATE), "--config", str(WORK / "keygate.toml"),
-                                             "serve"], PROXY_CORE, lp, env=env)
-            wait_for_line(p, lp, "proxy listening on", 30, "keygate")
+            p = self.procs.start(tier, [str(KEYGATE), "--config", str(WORK / f"{tier}.toml"),
+                                        "serve"], PROXY_CORE, lp, env=env)
+            wait_for_line(p, lp, "proxy listening on", 30, tier)
         else:
             if tier == "nginx":
                 p = self.procs.start("nginx", self.nginx_argv() + ["-g", "daemon off;"],
@@ -250,35 +416,71 @@ inject = {{ ai_secret = "UP" }}
         self.needs_warmup.add(tier)
 
     def names(self) -> list[str]:
-        """The tiers asked for that can run (nginx and HAProxy only when installed)."""
+        """The tiers asked for that can run (nginx, HAProxy, the fleet tiers' PostgreSQL and Redis
+        only when installed; a fleet tier whose set-up failed is out too)."""
         out = []
         for t in self.args.tier_list:
-            if t in ("nginx", "haproxy") and not self.tools.get(t):
+            if t in TIER_TOOL and not self.tools.get(TIER_TOOL[t]):
+                continue
+            if t in self.unavailable:
                 continue
             out.append(t)
         return out
 
+    def why_not(self, tier: str) -> str:
+        """Why a tier asked for does not run."""
+        if tier in self.unavailable:
+            return self.unavailable[tier]
+        tool = TIER_TOOL.get(tier, tier)
+        return f"{tool} not installed ({INSTALL.get(tool, '?')})"
+
     def check_tiers(self) -> None:
         """Before measuring: every tier answers 200, every proxy injects the token and strips
-        the key, and refuses an unknown key with 401."""
+        the key, and refuses an unknown key with 401. A fleet tier that fails is left out
+        (noted), the others end the run."""
         for tier in self.names():
-            port = self.port[tier]
-            status, body = http_get(port, self.ctx, "/whoami", self.keys[0])
-            text = body.decode(errors="replace")
+            try:
+                self.check_tier(tier)
+            except Exception as e:
+                if tier not in FLEET_TIERS:
+                    raise
+                self.unavailable[tier] = f"check failed: {e}"[:600]
+                log(f"{tier}: {self.unavailable[tier]}")
+                p = self.proc.pop(tier, None)
+                if p:
+                    self.procs.stop(p)
+                    self.procs.forget(p)
+
+    def check_tier(self, tier: str) -> None:
+        port = self.port[tier]
+        status, body = http_get(port, self.ctx, "/whoami", self.tier_key(tier, 0))
+        text = body.decode(errors="replace")
+        if status != 200:
+            raise RuntimeError(f"{tier}: GET /whoami answered {status}: {text[:300]}")
+        if tier != "direct":
+            if f"authorization=Bearer {TOKEN}" not in text or "x-api-key=absent" not in text:
+                raise RuntimeError(f"{tier}: the upstream saw {text!r}; expected the injected "
+                                   f"token and no x-api-key")
+            status, _ = http_get(port, self.ctx, "/", "sk-" + "0" * 48)
+            if status != 401:
+                raise RuntimeError(f"{tier}: an unknown key got {status}, not 401")
+            status, _ = http_get(port, self.ctx, "/", self.tier_big_key(tier))
             if status != 200:
-                raise RuntimeError(f"{tier}: GET /whoami answered {status}: {text[:300]}")
-            if tier != "direct":
-                if f"authorization=Bearer {TOKEN}" not in text or "x-api-key=absent" not in text:
-                    raise RuntimeError(f"{tier}: the upstream saw {text!r}; expected the injected "
-                                       f"token and no x-api-key")
-                status, _ = http_get(port, self.ctx, "/", "sk-" + "0" * 48)
-                if status != 401:
-                    raise RuntimeError(f"{tier}: an unknown key got {status}, not 401")
-                status, _ = http_get(port, self.ctx, "/", self.big_key)
-                if status != 200:
-                    raise RuntimeError(f"{tier}: the h2 key got {status}")
-            log(f"{tier}: OK on 127.0.0.1:{port} (credential rewritten, unknown key 401)"
-                if tier != "direct" else f"direct: OK on 127.0.0.1:{port}")
+                raise RuntimeError(f"{tier}: the h2 key got {status}")
+        if tier in FLEET_TIERS:
+            # What the fleet tier runs on, as keygate says: a tier quietly on the embedded
+            # store, or on local quotas because Redis is unreachable, would measure nothing.
+            ready = self.kg_readyz(tier)
+            store = ready.get("checks", {}).get("key_store", {}).get("backend")
+            limits = ready.get("limits", {})
+            want_store = "sqlite" if tier == "keygate-redis" else "postgres"
+            want_limits = "redis" if tier == "keygate-redis" else limits.get("backend", "local")
+            if (store and want_store not in str(store).lower()) \
+                    or limits.get("backend", "local") != want_limits or limits.get("degraded"):
+                raise RuntimeError(f"{tier}: /readyz says store {store!r}, limits {limits}")
+            self.note(f"{tier}: /readyz says key store {store!r}, limits {limits}")
+        log(f"{tier}: OK on 127.0.0.1:{port} (credential rewritten, unknown key 401)"
+            if tier != "direct" else f"direct: OK on 127.0.0.1:{port}")
 
     def url(self, tier: str, path: str = "/") -> str:
         return f"https://127.0.0.1:{self.port[tier]}{path}"
@@ -309,9 +511,10 @@ inject = {{ ai_secret = "UP" }}
 
     # ---- reloads (W7)
 
-    def kg_readyz(self) -> dict:
-        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...}}."""
-        status, body = http_get(self.ports["keygate_admin"], self.ctx, "/readyz", None, timeout=3.0)
+    def kg_readyz(self, tier: str = "keygate") -> dict:
+        """keygate's /readyz on the admin listener (no key needed): {"config": {"generation"...},
+        "checks": {"key_store": {"backend"...}}, "limits": {"backend", "degraded"}}."""
+        status, body = http_get(self.ports[f"{tier}_admin"], self.ctx, "/readyz", None, timeout=3.0)
         try:
             return json.loads(body)
         except ValueError:
@@ -395,7 +598,12 @@ inject = {{ ai_secret = "UP" }}
     # ---- between runs
 
     def check_alive(self, when: str) -> None:
-        """A proxy that has exited is noted and started again; a dead fixture ends the run."""
+        """A proxy that has exited is noted and started again; a dead fixture ends the run; a
+        dead PostgreSQL or Redis is noted (its tier's runs then fail)."""
+        for name, p in list(self.servers.items()):
+            if p.poll() is not None:
+                self.note(f"{name} had exited (code {p.returncode}) {when}; log "
+                          f"{WORK / (name + '.log')}")
         for name, p in list(self.proc.items()):
             if p.poll() is None:
                 continue

@@ -18,6 +18,7 @@ import json
 import re
 import select
 import shlex
+import socket
 import ssl
 import subprocess
 import threading
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .client import http_get, open_tls, read_response
-from .common import LOAD_CORE, PROBE, TEMPLATES, TIERS, TMP, WORK, log
+from .common import FLEET_TIERS, KEYGATES, LOAD_CORE, PROBE, TEMPLATES, TIERS, TMP, WORK, log
 from .parsers import UNIT_MS, parse_h2load, parse_oha, parse_wrk
 from .processes import children, cpu_us, rss_kib
 from .tiers import Tiers
@@ -64,6 +65,8 @@ class Workload:
     # does its own accounting (implied by restarts).
     own_accounting: bool = False
     proxy_only: str | None = None   # not run on the direct tier: why
+    # Only on these tiers (None: every tier but the fleet tiers, which run W8 only).
+    on_tiers: list[str] | None = None
     cpu_metric: str = "cpu_us_per_req"  # the name of the proxy's CPU per request
     # More lines for its section of latest.md, from all the measurements.
     details: Callable[[list[dict]], list[str]] | None = None
@@ -95,13 +98,13 @@ def lua() -> str:
 def wrk_argv(tiers: Tiers, tier: str, conns: int, secs: int, path: str,
              extra: list[str]) -> list[str]:
     return [tiers.tools["wrk"], "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "--timeout", "5s",
-            "-s", lua(), tiers.url(tier, path), "--", str(WORK / "keys.txt")] + extra
+            "-s", lua(), tiers.url(tier, path), "--", tiers.key_file(tier)] + extra
 
 
 def wrk(tiers: Tiers, tier: str, conns: int, secs: int, path: str,
         extra: list[str]) -> tuple[dict, str]:
-    """wrk -t1 with rotate_keys.lua: each request carries the next key of keys.txt (all 10,000;
-    64 with a body). extra: the script's arguments after the key file (METHOD [BODY_BYTES
+    """wrk -t1 with rotate_keys.lua: each request carries the next key of the tier's key file
+    (keys.txt, or keygate-pg's own: all 10,000; 64 with a body). extra: the script's arguments after the key file (METHOD [BODY_BYTES
     [close]])."""
     argv = wrk_argv(tiers, tier, conns, secs, path, extra)
     r = tiers.procs.run(argv, LOAD_CORE, secs + 30)
@@ -116,7 +119,8 @@ def h2load_h2(tiers: Tiers, tier: str, secs: int | None = None) -> tuple[dict, s
     secs = secs or tiers.mode["h2_s"]
     logf = TMP / f"h2load-{tier}.log"
     argv = [tiers.tools["h2load"], "-t1", "-c16", "-m16", "-D", str(secs),
-            "-H", f"x-api-key: {tiers.big_key}", "--log-file", str(logf), tiers.url(tier)]
+            "-H", f"x-api-key: {tiers.tier_big_key(tier)}", "--log-file", str(logf),
+            tiers.url(tier)]
     r = tiers.procs.run(argv, LOAD_CORE, secs + 30)
     if r.returncode:
         raise RuntimeError(f"h2load exited {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}")
@@ -179,6 +183,123 @@ def w1_rate(tiers: Tiers, tier: str) -> tuple[dict, str]:
         raise RuntimeError(f"h2load exited {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}")
     return dict(parse_h2load(r.stdout.decode(errors="replace"), logf), load_s=secs), shlex.join(
         tiers.procs.argv(argv, LOAD_CORE))
+
+
+# ---------------------------------------------------------------- W8
+
+W8_DELTAS = [("rps", "req/s", "k"), ("cpu_us_per_req", "proxy CPU µs/req", "f2"),
+             ("p50_ms", "p50 ms", "f3"), ("p99_ms", "p99 ms", "f3")]
+
+
+def w8_details(measurements: list) -> list[str]:
+    """W8: each fleet tier against the keygate tier of the same round: differences (tier -
+    keygate) per round, then median (min-max); and the CPU per request of the proxy plus its
+    store or Redis server."""
+    by = {(r["tier"], r["round"]): r["metrics"] for r in measurements
+          if r["workload"] == "W8-fleet" and r.get("metrics")}
+    rounds = sorted({rnd for (_, rnd) in by})
+    rows = []
+    for tier in FLEET_TIERS:
+        cells = []
+        for metric, _, how in W8_DELTAS:
+            d = [by[(tier, r)][metric] - by[("keygate", r)][metric] for r in rounds
+                 if by.get((tier, r), {}).get(metric) is not None
+                 and by.get(("keygate", r), {}).get(metric) is not None]
+            cells.append(signed(d, how))
+        total = [by[(tier, r)]["cpu_us_per_req"]
+                 + (by[(tier, r)].get("store_cpu_us_per_req") or 0)
+                 + (by[(tier, r)].get("redis_cpu_us_per_req") or 0)
+                 - by[("keygate", r)]["cpu_us_per_req"] for r in rounds
+                 if by.get((tier, r), {}).get("cpu_us_per_req") is not None
+                 and by.get(("keygate", r), {}).get("cpu_us_per_req") is not None]
+        cells.append(signed(total, "f2"))
+        if any(c != "—" for c in cells):
+            rows.append(f"| {tier} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return (["", "Added against the keygate tier of the same round (tier − keygate, per round; "
+             "median (min–max)). The last column adds the server's CPU per request (PostgreSQL "
+             "or Redis, on the load generator's core) to the proxy's: the fleet's whole cost "
+             "per request over the embedded default.", "",
+             "| tier − keygate | " + " | ".join(h for _, h, _ in W8_DELTAS)
+             + " | proxy + server CPU µs/req |",
+             "|---|" + "---|" * (len(W8_DELTAS) + 1)] + rows)
+
+
+def signed(vals: list, how: str) -> str:
+    if not vals:
+        return "—"
+
+    def one(v: float) -> str:
+        if how == "k":
+            return f"{v / 1000:+.1f}k" if abs(v) >= 1000 else f"{v:+.0f}"
+        return f"{v:+.{int(how[1:])}f}"
+    vals = sorted(vals)
+    med = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+    return one(med) if len(vals) == 1 else f"{one(med)} ({one(vals[0])} – {one(vals[-1])})"
+
+
+@workload("W8-fleet", title="W8 fleet: W1-h1 with the PostgreSQL store and with Redis limits",
+          load="W1-h1's load (wrk -t1 -c64 --latency, the next of the tier's 10,000 keys on "
+               "each request) on keygate (SQLite store, local quotas), keygate-pg (a private "
+               "PostgreSQL store holding its own 10,000 keys, made by the same `keygate keys "
+               "create --count`) and keygate-redis (the SQLite store, [limits] backend = "
+               "\"redis\" on a private redis-server: one script round trip per request); each "
+               "otherwise configured like keygate and pinned the same way, PostgreSQL and Redis "
+               "on the load generator's core. \"store µs/req\" and \"redis µs/req\" are the "
+               "CPU of the PostgreSQL processes (postmaster + backends) and of redis-server "
+               "during the run, per request (a known key must not reach the database after "
+               "the warm-up); \"redis scripts/req\" is Redis's own count (INFO "
+               "commandstats) of the scripts it ran (EVAL/EVALSHA), per request",
+          tools=["wrk"], on_tiers=KEYGATES,
+          columns=[("rps", "req/s", "k", True), ("cpu_us_per_req", "CPU µs/req", "f1", False),
+                   ("p50_ms", "p50 ms", "f2", False), ("p99_ms", "p99 ms", "f2", False),
+                   ("store_cpu_us_per_req", "store µs/req", "f2", None),
+                   ("redis_cpu_us_per_req", "redis µs/req", "f2", None),
+                   ("redis_scripts_per_req", "redis scripts/req", "f2", None),
+                   ("proxy_cpu_pct", "proxy CPU %", "f0", None),
+                   ("fixture_cpu_us_per_req", "fixture µs/req", "f1", None)],
+          chart=[("cpu_us_per_req", "W8 fleet (h1 TLS): proxy CPU µs per request", False),
+                 ("p99_ms", "W8 fleet (h1 TLS): p99 ms", False, "f2")],
+          details=w8_details)
+def w8_fleet(tiers: Tiers, tier: str) -> tuple[dict, str]:
+    if tier != "keygate-redis":
+        return wrk(tiers, tier, 64, tiers.mode["wrk_s"], "/", ["GET", "0"])
+    # keygate-redis: Redis's own count of the commands it ran (one script per request
+    # expected), and the quotas still in Redis at the end (not degraded to local ones).
+    port = tiers.ports["redis"]
+    n0 = redis_commands(port)
+    m, cmd = wrk(tiers, tier, 64, tiers.mode["wrk_s"], "/", ["GET", "0"])
+    n1 = redis_commands(port)
+    if m.get("requests"):
+        m["redis_scripts_per_req"] = (n1[0] - n0[0]) / m["requests"]
+        m["redis_commands_per_req"] = (n1[1] - n0[1]) / m["requests"]
+    limits = tiers.kg_readyz(tier).get("limits", {})
+    if limits.get("backend") != "redis" or limits.get("degraded"):
+        m["errors"] = (m.get("errors") or 0) + 1
+        m["error_messages"] = [f"/readyz after the run: limits {limits}"]
+    return m, cmd
+
+
+def redis_commands(port: int) -> tuple[int, int]:
+    """(scripts run: the calls of EVAL, EVALSHA, EVAL_RO, EVALSHA_RO; every command, the calls
+    made inside the scripts included), from INFO commandstats over a plain socket; INFO itself
+    is not counted."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(b"INFO commandstats\r\n")
+        buf = b""
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            head, _, rest = buf.partition(b"\r\n")
+            if head.startswith(b"$") and len(rest) >= int(head[1:]):
+                break
+    calls = {k.decode(): int(v) for k, v in re.findall(rb"cmdstat_([\w|]+):calls=(\d+)", buf)}
+    scripts = sum(v for k, v in calls.items() if k in ("eval", "evalsha", "eval_ro", "evalsha_ro"))
+    return scripts, sum(v for k, v in calls.items() if k != "info")
 
 
 # ---------------------------------------------------------------- W7
