@@ -13,6 +13,10 @@ use serde_json::json;
 use support::postgres::PgServer;
 use support::*;
 
+/// The tests of this file run one at a time: each starts up to three keygate processes and
+/// measures times and rates that a neighbour's load on this 2-core machine would distort.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The fleet's shared master key (64 hex characters), given to every instance.
 const MASTER: &str = "6b657967617465206669656574206d6173746572206b6579206f6e6c79212121";
 const SECRET_ONE: &str = "fleet-upstream-secret-ONE-7Hq2";
@@ -132,6 +136,7 @@ fn assert_no_secrets(logs: &[String], secrets: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
+    let _serial = SERIAL.lock().await;
     let pg = PgServer::shared();
     let db = TestDb::new("fleet_changes");
     let ca = TestCa::new();
@@ -286,6 +291,7 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_starting_together_mint_one_admin_key_and_a_stranger_is_refused() {
+    let _serial = SERIAL.lock().await;
     let pg = PgServer::shared();
     let db = TestDb::new("fleet_first_start");
     let ca = TestCa::new();
@@ -363,6 +369,7 @@ async fn readyz(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_fails_closed_after_the_bound_and_recovers_without_restart() {
+    let _serial = SERIAL.lock().await;
     let pg = PgServer::start();
     let db = pg.create_test_database("fleet_outage");
     let ca = TestCa::new();
@@ -573,6 +580,7 @@ async fn hammer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis_loss() {
+    let _serial = SERIAL.lock().await;
     let pg = PgServer::shared();
     let db = TestDb::new("fleet_quota");
     let mut redis = support::redis::RedisServer::start();
@@ -581,7 +589,7 @@ async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis
     let client = ca.client(false);
     let extra = format!(
         "[limits]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_prefix = \"{}:\"\n\
-         default = {{ per_second = 100, burst = 30 }}\n",
+         default = {{ per_second = 20, burst = 10 }}\n",
         redis.url(),
         db.name
     );
@@ -616,12 +624,14 @@ async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis
     up.requests.lock().unwrap().clear();
 
     // One quota for the fleet: rate × t + burst within ± 2 %.
-    let secs = 4.0;
+    // A rate any client load here exceeds many times over, so that the run measures the limiter
+    // and not how fast this machine can send.
+    let secs = 5.0;
     let (admitted, refused, other) = hammer(&ca, &[&a, &b, &c], (&key, &warm), 3, secs).await;
-    let want = 100.0 * secs + 30.0;
+    let want = 20.0 * secs + 10.0;
     let off = (admitted as f64 - want) / want * 100.0;
     println!(
-        "fleet: 3 processes, one key at 100/s burst 30 hammered {secs} s: admitted {admitted} \
+        "fleet: 3 processes, one key at 20/s burst 10 hammered {secs} s: admitted {admitted} \
          (want {want}, {off:+.2} %), refused {refused}"
     );
     assert_eq!(other, 0, "only 201 and 429");
@@ -657,10 +667,10 @@ async fn three_processes_on_postgres_and_redis_share_one_quota_and_survive_redis
             "{statuses:?}"
         );
         let admitted = statuses.iter().filter(|s| **s == 201).count() as f64;
-        let most = 30.0 + 100.0 * took + 1.0;
+        let most = 10.0 + 20.0 * took + 1.0;
         println!("fleet: Redis stopped; 100 requests on one instance in {took:.3} s: {admitted} admitted by the local limiter, the rest 429");
         assert!(
-            (30.0..=most).contains(&admitted),
+            (10.0..=most).contains(&admitted),
             "the local limiter holds the quota: {admitted} admitted in {took:.3} s (at most {most:.0})"
         );
         let (_, _, metrics) = send(&client, get(&kg.admin_url("/metrics"), &[])).await;
