@@ -17,7 +17,11 @@ keygate and on the fleet tiers beside it: keygate-pg (keygate over a private Pos
 its own 10,000 keys made with the same CLI) and keygate-redis ([limits] backend = "redis" on a
 private redis-server); PostgreSQL and Redis run on core 1 and their CPU per request is reported
 next to the proxy's (they are skipped, saying what to install, when postgresql or redis-server
-is missing). W7 (4 reloads during a W1-h1
+is missing). W1min (full mode, or --only W1min) runs W1-h1's and W1-h2's loads on the min tiers:
+direct-min (a minimal TLS origin, nginx answering `return 200 "ok"`, on core 1), keygate-min
+(upstream h2), keygate-min-h1 (upstream HTTP/1.1), nginx-min and haproxy-min, each configured
+like its tier but proxying to that origin, whose CPU per request is reported next to the
+proxy's. W7 (4 reloads during a W1-h1
 load; not on the direct tier) runs after W1 on the long-running processes and leaves them
 serving an equivalent config. The memory workloads (W2-slow, W6) run last in a round, each on a
 freshly restarted process. Output:
@@ -49,8 +53,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
     ap.add_argument("--only", help="workloads, e.g. W1,W3,W7 or W1-h2 (W4 is not measured here)")
     ap.add_argument("--tiers", default=",".join(TIERS),
-                    help="default: direct,keygate,keygate-pg,keygate-redis,nginx,haproxy (the "
-                         "fleet tiers keygate-pg and keygate-redis run W8 only)")
+                    help="default: all of " + ",".join(TIERS) + " (the fleet tiers keygate-pg "
+                         "and keygate-redis run W8 only, the min tiers W1min only)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
     ap.add_argument("--no-restart", action="store_true",
                     help="W2-slow and W6 on the long-running processes (default: restarted, since "
@@ -78,7 +82,8 @@ def main() -> int:
         args.only = [o.strip() for o in args.only.split(",") if o.strip()]
         bad = [o for o in args.only if o.lower() not in names]
         if bad:
-            ap.error(f"unknown workloads {bad}; choose from W1,W2,W3,W5,W6,W7,W8 or {', '.join(WORKLOADS)}")
+            ap.error(f"unknown workloads {bad}; choose from W1,W1min,W2,W3,W5,W6,W7,W8 or "
+                     f"{', '.join(WORKLOADS)}")
         args.only = [names[o.lower()] for o in args.only]
         for o in args.only:
             if o in NOT_MEASURED:

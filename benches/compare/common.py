@@ -1,8 +1,8 @@
 """What every part of the side-by-side benchmark shares: where things are (the repository, the
 release binaries, the templates, the results and the scratch directory), the tiers and their
 order (with the fleet tiers: keygate over a private PostgreSQL store or with its quotas in a
-private Redis), the cores, the two run modes, the commands that install missing tools, and
-log()."""
+private Redis; and the min tiers: the proxies in front of a minimal nginx origin), the cores,
+the two run modes, the commands that install missing tools, and log()."""
 
 from __future__ import annotations
 
@@ -25,16 +25,34 @@ PROBE = RELEASE / "examples" / "sse-probe"
 
 TOKEN = "bench-upstream-token"
 N_KEYS = 10_000
-TIERS = ["direct", "keygate", "keygate-pg", "keygate-redis", "nginx", "haproxy"]
+TIERS = ["direct", "keygate", "keygate-pg", "keygate-redis", "nginx", "haproxy",
+         "direct-min", "keygate-min", "keygate-min-h1", "nginx-min", "haproxy-min"]
 PEERS = ["direct", "nginx", "haproxy"]
 # keygate configured exactly like the keygate tier, but over a private PostgreSQL store
 # (keygate-pg) or with [limits] backend = "redis" on a private redis-server (keygate-redis;
 # the keygate tier's SQLite store). They run W8 only, beside the keygate tier.
 FLEET_TIERS = ["keygate-pg", "keygate-redis"]
-KEYGATES = ["keygate"] + FLEET_TIERS
-# The tool a tier needs besides keygate (the tier is skipped, saying how to install it).
-TIER_TOOL = {"nginx": "nginx", "haproxy": "haproxy", "keygate-pg": "postgres",
-             "keygate-redis": "redis-server"}
+# The min tiers (W1min): the tiers again, configured exactly alike but for the upstream, which is
+# a minimal TLS origin (nginx answering `return 200 "ok"`, templates/origin.conf.tmpl) whose
+# CPU per request is far below the fixture's, so that the proxy's own cost is what limits a
+# run. direct-min is the origin itself; keygate-min talks h2 to it (keygate's default) and
+# keygate-min-h1 HTTP/1.1 ([upstream] http2 = false) whatever --keygate-upstream says. They run
+# W1min only. MIN_OF: the tier each is a copy of.
+MIN_OF = {"direct-min": "direct", "keygate-min": "keygate", "keygate-min-h1": "keygate",
+          "nginx-min": "nginx", "haproxy-min": "haproxy"}
+MIN_TIERS = list(MIN_OF)
+MIN_KEYGATES = ["keygate-min", "keygate-min-h1"]
+MIN_PEERS = ["direct-min", "nginx-min", "haproxy-min"]
+# The tiers that run only the workloads that name them (on_tiers), and are set up only when
+# one of those is selected.
+OPTIONAL_TIERS = FLEET_TIERS + MIN_TIERS
+KEYGATES = ["keygate"] + FLEET_TIERS   # W8's tiers
+KEYGATE_TIERS = KEYGATES + MIN_KEYGATES  # every tier that is a keygate process
+# The tools a tier needs besides keygate (the tier is skipped, saying how to install them).
+TIER_TOOLS = {"nginx": ["nginx"], "haproxy": ["haproxy"], "keygate-pg": ["postgres"],
+              "keygate-redis": ["redis-server"], "direct-min": ["nginx"],
+              "keygate-min": ["nginx"], "keygate-min-h1": ["nginx"], "nginx-min": ["nginx"],
+              "haproxy-min": ["haproxy", "nginx"]}
 PROXY_CORE = 0
 LOAD_CORE = 1
 

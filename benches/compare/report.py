@@ -12,11 +12,13 @@ import re
 import statistics
 from pathlib import Path
 
-from .common import FLEET_TIERS, PEERS, RESULTS, TIERS, log
+from .common import OPTIONAL_TIERS, PEERS, RESULTS, TIERS, log
 from .workloads import NOT_MEASURED, WORKLOADS
 
 COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "keygate-pg": "#6baed6",
-          "keygate-redis": "#9467bd", "nginx": "#2ca02c", "haproxy": "#ff7f0e"}
+          "keygate-redis": "#9467bd", "nginx": "#2ca02c", "haproxy": "#ff7f0e",
+          "direct-min": "#c7c7c7", "keygate-min": "#17becf", "keygate-min-h1": "#9edae5",
+          "nginx-min": "#98df8a", "haproxy-min": "#ffbb78"}
 
 
 def columns(wname: str) -> list[tuple]:
@@ -70,30 +72,48 @@ def summarise(measurements: list[dict]) -> dict:
             w = out.setdefault(rec["workload"], {"tiers": {}, "ratios": {}})
             w["tiers"].setdefault(rec["tier"], {"_rounds": [], "_errors": 0, "_failed": 0})["_failed"] += 1
     by_key = {(r["workload"], r["tier"], r["round"]): r.get("metrics") for r in measurements}
+    rounds = sorted({r["round"] for r in measurements})
     for wname, w in out.items():
-        for peer in PEERS:
+        for label, kg, peers in ratio_pairs(wname):
             ratios: dict = {}
-            for metric, *_ in columns(wname):
+            for metric, _, _, higher in columns(wname):
                 vals = []
-                for rnd in sorted({r["round"] for r in measurements}):
-                    a = by_key.get((wname, "keygate", rnd))
-                    b = by_key.get((wname, peer, rnd))
-                    if a and b and a.get(metric) and b.get(metric):
-                        vals.append(a[metric] / b[metric])
+                for rnd in rounds:
+                    a = by_key.get((wname, kg, rnd))
+                    bs = [by_key.get((wname, p, rnd)) for p in peers]
+                    bs = [b[metric] for b in bs if b and b.get(metric)]
+                    if not (a and a.get(metric) and bs) or (len(peers) > 1 and higher is None):
+                        continue
+                    # The best peer of the round: the highest req/s, the lowest CPU or latency.
+                    vals.append(a[metric] / (max(bs) if higher else min(bs)))
                 if vals:
                     ratios[metric] = vals
             if ratios:
-                w["ratios"][peer] = ratios
+                w["ratios"][label] = ratios
     return out
+
+
+def ratio_pairs(wname: str) -> list[tuple[str, str, list[str]]]:
+    """The workload's ratios: (label, keygate tier, peer tiers: the best of them per round).
+    The label is the peer for the default keygate ÷ direct, nginx, HAProxy (latest.json's
+    ratios_keygate_over as before), else "keygate-tier ÷ peer" ("best peer" for a list)."""
+    spec = WORKLOADS.get(wname)
+    if spec is None or spec.ratios is None:
+        return [(p, "keygate", [p]) for p in PEERS]
+    return [(f"{kg} ÷ {'best peer' if isinstance(p, list) else p}", kg,
+             p if isinstance(p, list) else [p]) for kg, p in spec.ratios]
 
 
 def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: list,
                    failed: list, measurements: list) -> None:
     commands: dict = {}
     for rec in measurements:
-        if rec.get("command") and (rec["tier"] == "keygate" or rec["workload"] not in commands):
+        # The command on the workload's keygate tier (W1min: keygate-min), else the first one.
+        spec = WORKLOADS.get(rec["workload"])
+        kg = spec.ratios[0][0] if spec and spec.ratios else "keygate"
+        if rec.get("command") and (rec["tier"] == kg or rec["workload"] not in commands):
             commands.setdefault(rec["workload"], rec["command"])
-            if rec["tier"] == "keygate":
+            if rec["tier"] == kg:
                 commands[rec["workload"]] = rec["command"]
     L = []
     L.append("# keygate side-by-side benchmark")
@@ -145,7 +165,8 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
         L.append(f"Load: {spec.load}.{extra}")
         if commands.get(wname):
             L.append("")
-            L.append(f"Command (keygate tier): `{commands[wname]}`")
+            kg = spec.ratios[0][0] if spec.ratios else "keygate"
+            L.append(f"Command ({kg} tier): `{commands[wname]}`")
         L.append("")
         L.append("| tier | " + " | ".join(c[1] for c in cols) + " | errors |")
         L.append("|---|" + "---|" * (len(cols) + 1))
@@ -175,9 +196,10 @@ def write_markdown(path: Path, meta: dict, summary: dict, skipped: list, notes: 
         rcols = [c for c in cols if c[3] is not None]
         if w["ratios"] and rcols:
             L.append("")
-            L.append("| keygate ÷ | " + " | ".join(c[1] for c in rcols) + " |")
+            L.append(f"| {'keygate ÷' if spec.ratios is None else 'ratio'} | "
+                     + " | ".join(c[1] for c in rcols) + " |")
             L.append("|---|" + "---|" * len(rcols))
-            for peer in PEERS:
+            for peer, _, _ in ratio_pairs(wname):
                 r = w["ratios"].get(peer)
                 if not r:
                     continue
@@ -219,8 +241,8 @@ def svg_escape(s: str) -> str:
 def write_svg(path: Path, meta: dict, summary: dict) -> None:
     panels = [c for c in chart() if c[0] in summary
               and any(summary[c[0]]["tiers"].get(t, {}).get(c[1]) for t in TIERS)]
-    # The fleet tiers only when measured (they run W8 only).
-    shown = [t for t in TIERS if t not in FLEET_TIERS
+    # The fleet and min tiers only when measured (they run W8 and W1min only).
+    shown = [t for t in TIERS if t not in OPTIONAL_TIERS
              or any(t in s["tiers"] for s in summary.values())]
     pw, ph, cols = 470, 30 + 26 * len(shown) + 24, 2
     rows = max(1, math.ceil(len(panels) / cols))
@@ -254,7 +276,8 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
             o.append(f'<text x="{bx - 6}" y="{y + 14}" text-anchor="end">{t}</text>')
             v = vals[t]
             if not v:
-                why = ("n/a (no proxy process)" if t == "direct" and metric.startswith("cpu")
+                why = ("n/a (no proxy process)" if t in ("direct", "direct-min")
+                       and metric.startswith("cpu")
                        else f"n/a ({WORKLOADS[wname].proxy_only})"
                        if t == "direct" and WORKLOADS[wname].proxy_only
                        else "not measured")
@@ -281,12 +304,15 @@ def write_svg(path: Path, meta: dict, summary: dict) -> None:
         # keygate ÷ each peer: the median of the per-round ratios
         ratios = summary[wname]["ratios"]
         parts = []
-        for peer in ("nginx", "haproxy", "direct"):
+        keys = (("nginx", "haproxy", "direct") if WORKLOADS[wname].ratios is None
+                else [k for k in ratios if k.endswith("÷ nginx-min")])
+        for peer in keys:
             r = ratios.get(peer, {}).get(metric)
             if r:
                 parts.append(f"{peer} {statistics.median(r):.2f}×")
         if parts:
-            o.append(f'<text x="{px + 8}" y="{py + ph - 8}" fill="#1f77b4">keygate ÷ '
+            prefix = "keygate ÷ " if WORKLOADS[wname].ratios is None else ""
+            o.append(f'<text x="{px + 8}" y="{py + ph - 8}" fill="#1f77b4">{prefix}'
                      f'{svg_escape(", ".join(parts))}</text>')
     o.append(f'<text x="20" y="{H - 12}" fill="#666">benches/compare.py · details and errors in '
              f'latest.md / latest.json</text>')

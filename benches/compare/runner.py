@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from .common import (APT_PKG, FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, LOAD_CORE, MODES, PROBE,
-                     RESULTS, ROOT, TIER_TOOL, TMP, find_tools, log)
+from .common import (APT_PKG, FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, LOAD_CORE, MODES,
+                     OPTIONAL_TIERS, PROBE, RESULTS, ROOT, TIER_TOOLS, TMP, find_tools, log)
 from .processes import (OtherLoad, Processes, cpu_since, cpu_since_by_process, cpu_snapshot,
                         cpu_us, rss_kib)
 from .report import write_outputs
@@ -157,7 +157,8 @@ class Bench:
             f"rounds: {self.args.rounds}")
         quick = self.args.quick
         h2 = not quick and any(w in workloads for w in ("W1-h2", "W1-rate"))
-        self.warm_up([t for t in tiers if not (quick and t == "direct")], self.mode["warmup_s"], h2)
+        self.warm_up([t for t in tiers if not (quick and t in ("direct", "direct-min"))],
+                     self.mode["warmup_s"], h2)
         budget = self.mode["budget_s"]
         for rnd in range(1, self.args.rounds + 1):
             if self.tiers.needs_warmup:
@@ -178,8 +179,9 @@ class Bench:
                             self.skipped.append({"workload": w, "tier": tier, "reason": reason})
                         continue
                     on = WORKLOADS[w].on_tiers
-                    if (tier not in on) if on else (tier in FLEET_TIERS):
-                        # The fleet tiers run W8 only; W8 runs on keygate and the fleet tiers.
+                    if (tier not in on) if on else (tier in OPTIONAL_TIERS):
+                        # The fleet tiers run W8 only, the min tiers W1min only; W8 runs on
+                        # keygate and the fleet tiers.
                         if rnd == 1 and on:
                             self.skipped.append({"workload": w, "tier": tier,
                                                  "reason": f"runs on {', '.join(on)} only"})
@@ -206,8 +208,9 @@ def main(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
 
     tools = find_tools()
-    wanted = ["wrk", "h2load", "nginx", "haproxy", "taskset"] + [
-        TIER_TOOL[t] for t in FLEET_TIERS if t in args.tier_list]
+    wanted = ["wrk", "h2load", "nginx", "haproxy", "taskset"]
+    wanted += [tool for t in OPTIONAL_TIERS if t in args.tier_list for tool in TIER_TOOLS[t]
+               if tool not in wanted]
     missing = [t for t in wanted if not tools[t]]
     if missing:
         pkgs = " ".join(APT_PKG[t] for t in missing)
@@ -232,12 +235,14 @@ def main(args) -> int:
         if not b.exists():
             print(f"{b} is missing: run without --no-build", file=sys.stderr)
             return 1
-    # The fleet tiers (a PostgreSQL and a Redis to start, 10,000 keys to make) only when a
-    # workload that runs on them (W8) is selected.
-    selected = [w for w in WORKLOADS if args.only is None
-                or any(w == o or w.startswith(o + "-") for o in args.only)]
-    if not any(set(FLEET_TIERS) & set(WORKLOADS[w].on_tiers or []) for w in selected):
-        args.tier_list = [t for t in args.tier_list if t not in FLEET_TIERS]
+    # The fleet tiers (a PostgreSQL and a Redis to start, 10,000 keys to make) and the min tiers
+    # (the minimal origin and four more proxies) only when a workload that runs on them (W8,
+    # W1min) is selected.
+    selected = [w for w in WORKLOADS if (any(w == o or w.startswith(o + "-") for o in args.only)
+                                         if args.only is not None
+                                         else not (args.quick and WORKLOADS[w].full_only))]
+    args.tier_list = [t for t in args.tier_list if t not in OPTIONAL_TIERS
+                      or any(t in (WORKLOADS[w].on_tiers or []) for w in selected)]
     t_bench = time.monotonic()
     # What was built (read now: the tree may change while the benchmark runs).
     commit = git("rev-parse", "--short", "HEAD") or "unknown"

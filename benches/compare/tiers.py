@@ -2,11 +2,23 @@
 (examples/bench_upstream.rs) itself; keygate, nginx and HAProxy proxy to it. The fleet tiers
 are keygate again with the same config but for the store (keygate-pg: a private PostgreSQL,
 its own 10,000 keys made by the same CLI) or the quotas (keygate-redis: [limits] backend =
-"redis" on a private redis-server, the keygate tier's SQLite store and keys). This module owns
-their certificates (keygate's development CA), the 10,000 keys and the key with a large quota,
-their configs (keygate's written here, nginx's and HAProxy's from benches/templates), the
-private PostgreSQL and Redis servers (on the load generator's core), starting, checking,
-restarting and reloading them, and which pids to measure."""
+"redis" on a private redis-server, the keygate tier's SQLite store and keys).
+
+The min tiers (W1min) are direct, keygate (twice: upstream h2 and HTTP/1.1), nginx and HAProxy
+again, each configured exactly like its tier but for the upstream address: a minimal TLS origin
+(nginx answering `return 200 "ok"`, templates/origin.conf.tmpl, on the load generator's core
+beside the fixture) instead of the fixture. They are tiers of their own, set up only when a
+workload that runs on them is selected (as the fleet tiers), rather than a switch that points
+the usual tiers elsewhere, because that is what keeps them side by side with nothing else
+changed: the fixture and every existing workload and tier stay as they were, one run can hold
+both, the runner's round-robin, accounting and report take them like any tier, and the origin's
+CPU is measured per run like the fleet tiers' servers (server_pids).
+
+This module owns their certificates (keygate's development CA), the 10,000 keys and the key with
+a large quota, their configs (keygate's written here, nginx's, HAProxy's and the origin's from
+benches/templates), the private PostgreSQL and Redis servers and the minimal origin (on the load
+generator's core), starting, checking, restarting and reloading them, and which pids to
+measure."""
 
 from __future__ import annotations
 
@@ -23,8 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .client import http_get, tls_context
-from .common import (FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, KEYGATES, LOAD_CORE, MODES, N_KEYS,
-                     PROXY_CORE, TEMPLATES, TIER_TOOL, TOKEN, WORK, log)
+from .common import (FIXTURE, FLEET_TIERS, INSTALL, KEYGATE, KEYGATE_TIERS, LOAD_CORE, MIN_OF,
+                     MIN_TIERS, MODES, N_KEYS, OPTIONAL_TIERS, PROXY_CORE, TEMPLATES, TIER_TOOLS,
+                     TOKEN, WORK, log)
 from .processes import (Processes, children, free_port, free_ports, tree, wait_for_line,
                         wait_for_port)
 
@@ -51,7 +64,8 @@ class Tiers:
         # Tiers whose keys are not keys.txt's (keygate-pg: made in its own store): (key file,
         # the keys, the key with a large quota).
         self.tier_keys: dict[str, tuple[str, list[str], str]] = {}
-        self.servers: dict[str, subprocess.Popen] = {}  # "postgres", "redis" (fleet tiers)
+        # "postgres", "redis" (fleet tiers), "origin" (the min tiers' nginx origin)
+        self.servers: dict[str, subprocess.Popen] = {}
         self.unavailable: dict[str, str] = {}  # tier -> why it does not run (set up)
         self.ports: dict[str, int] = {}  # every listener, by name (setup)
         self.port: dict[str, int] = {}   # each tier's TLS port, the one its clients use (setup)
@@ -71,19 +85,29 @@ class Tiers:
         return self.tier_keys[tier][2] if tier in self.tier_keys else self.big_key
 
     def server_pids(self, tier: str) -> list[tuple[str, str, list[int]]]:
-        """The fleet tier's shared server, which runs on the load generator's core:
-        [(metric, name, pids)]; PostgreSQL: the postmaster and its backends and workers."""
-        name = {"keygate-pg": "postgres", "keygate-redis": "redis"}.get(tier)
+        """The fleet or min tier's shared server, which runs on the load generator's core:
+        [(metric, name, pids)]; PostgreSQL: the postmaster and its backends and workers; the
+        minimal origin: its nginx worker(s) (the master only supervises)."""
+        name = "origin" if tier in MIN_TIERS else {"keygate-pg": "postgres",
+                                                    "keygate-redis": "redis"}.get(tier)
         if not name or name not in self.servers:
             return []
+        if name == "origin":
+            return [("origin_cpu_us_per_req", name, children(self.servers[name].pid))]
         metric = "store_cpu_us_per_req" if name == "postgres" else "redis_cpu_us_per_req"
         return [(metric, name, tree(self.servers[name].pid))]
 
+    @staticmethod
+    def kind(tier: str) -> str:
+        """What the tier runs: direct, keygate, nginx or haproxy (a min tier: its tier's)."""
+        tier = MIN_OF.get(tier, tier)
+        return "keygate" if tier in KEYGATE_TIERS else tier
+
     def pids(self, tier: str) -> list[int]:
-        if tier == "direct":
+        if self.kind(tier) == "direct":
             return []
         p = self.proc[tier]
-        if tier in ("nginx", "haproxy"):
+        if self.kind(tier) in ("nginx", "haproxy"):
             # The worker(s); the master only supervises (HAProxy runs master-worker, -W, so
             # that W7 can reload it gracefully). Right after a reload an old worker may still
             # be finishing its connections: it is counted too while it lives.
@@ -94,15 +118,20 @@ class Tiers:
         return [self.proc["fixture"].pid]
 
     def keygate_config(self, path: Path, proxy: int, admin: int, certgen: bool,
-                       store_url: str | None = None, redis_url: str | None = None) -> None:
+                       store_url: str | None = None, redis_url: str | None = None,
+                       upstream_port: int | None = None, http2: bool | None = None) -> None:
         """keygate's bench config; the fleet tiers' differ only by store_url (the PostgreSQL
-        store instead of SQLite) or redis_url ([limits] backend = "redis")."""
+        store instead of SQLite) or redis_url ([limits] backend = "redis"), the min tiers' by
+        upstream_port (the minimal origin instead of the fixture) and http2 (keygate-min: h2,
+        keygate-min-h1: HTTP/1.1, whatever --keygate-upstream says)."""
         if certgen:
             tls = f'dev_dir = "{self.certs}"'
             upstream = ""
         else:
             tls = f'cert = "{self.certs}/server.pem"\nkey = "{self.certs}/server-key.pem"'
-            h2 = "true" if self.args.keygate_upstream == "h2" else "false"
+            if http2 is None:
+                http2 = self.args.keygate_upstream == "h2"
+            h2 = "true" if http2 else "false"
             upstream = f'[upstream]\nca_file = "{self.ca}"\nhttp2 = {h2}\n'
         # Every instance of a fleet shares the master key: the same file here.
         store = (f'url = "{store_url}"' if store_url else f'path = "{WORK}/kg/keygate.db"')
@@ -141,7 +170,7 @@ header_read_timeout = "60s"   # it also ends idle keep-alive connections: W6 hol
 
 [[route]]
 prefix = "/"
-upstream = "https://127.0.0.1:{self.ports.get('fixture', 1)}"
+upstream = "https://127.0.0.1:{upstream_port or self.ports.get('fixture', 1)}"
 inject = {{ ai_secret = "UP" }}
 """)
 
@@ -152,7 +181,9 @@ inject = {{ ai_secret = "UP" }}
         (WORK / "nginx-tmp").mkdir()
         names = ("fixture", "fixture_plain", "keygate", "keygate_admin", "nginx", "haproxy",
                  "keygate-pg", "keygate-pg_admin", "keygate-redis", "keygate-redis_admin",
-                 "postgres", "redis", "certgen", "certgen_admin")
+                 "postgres", "redis", "certgen", "certgen_admin", "origin", "keygate-min",
+                 "keygate-min_admin", "keygate-min-h1", "keygate-min-h1_admin", "nginx-min",
+                 "haproxy-min")
         self.ports.update(zip(names, free_ports(len(names))))
 
         # Certificates: keygate writes its development CA and server certificate on start.
@@ -200,23 +231,51 @@ inject = {{ ai_secret = "UP" }}
             "CA": str(self.ca), "UPSTREAM_PORT": str(self.ports["fixture"]),
             "BIG_KEY": self.big_key,
         }
-        for tier, tmpl, out in (("nginx", "nginx.conf.tmpl", "nginx.conf"),
-                                ("haproxy", "haproxy.cfg.tmpl", "haproxy.cfg")):
+        mins = [t for t in self.names() if t in MIN_TIERS]
+        # nginx's and HAProxy's configs (and the min tiers': the same but for the upstream, the
+        # minimal origin); the origin's.
+        renders = [("nginx", "nginx.conf.tmpl", "fixture"),
+                   ("haproxy", "haproxy.cfg.tmpl", "fixture")]
+        renders += [(t, f"{MIN_OF[t]}.{'conf' if MIN_OF[t] == 'nginx' else 'cfg'}.tmpl", "origin")
+                    for t in ("nginx-min", "haproxy-min") if t in mins]
+        if mins:
+            renders.append(("origin", "origin.conf.tmpl", "origin"))
+        for tier, tmpl, upstream in renders:
             text = (TEMPLATES / tmpl).read_text()
-            for k, v in dict(subst, PORT=str(self.ports[tier])).items():
+            for k, v in dict(subst, PORT=str(self.ports[tier]), NAME=tier,
+                             UPSTREAM_PORT=str(self.ports[upstream])).items():
                 text = text.replace("{{" + k + "}}", v)
             left = re.findall(r"\{\{\w+\}\}", text)
             if left:
                 raise RuntimeError(f"{tmpl}: unfilled placeholders {left}")
-            (WORK / out).write_text(text)
+            (WORK / self.config_name(tier)).write_text(text)
+            if not tier.startswith("haproxy"):
+                (WORK / f"{tier}-tmp").mkdir(exist_ok=True)
 
-        # The fixture on the load generator's core, the proxies on the other one.
+        # The fixture (and the minimal origin) on the load generator's core, the proxies on the
+        # other one.
         self.proc["fixture"] = self.start_fixture(self.ports["fixture"], self.ports["fixture_plain"],
                                                   "fixture")
         self.port = {"direct": self.ports["fixture"], "keygate": self.ports["keygate"],
                      "keygate-pg": self.ports["keygate-pg"],
                      "keygate-redis": self.ports["keygate-redis"],
-                     "nginx": self.ports["nginx"], "haproxy": self.ports["haproxy"]}
+                     "nginx": self.ports["nginx"], "haproxy": self.ports["haproxy"],
+                     "direct-min": self.ports["origin"], "keygate-min": self.ports["keygate-min"],
+                     "keygate-min-h1": self.ports["keygate-min-h1"],
+                     "nginx-min": self.ports["nginx-min"], "haproxy-min": self.ports["haproxy-min"]}
+        if mins:
+            try:
+                self.start_origin()
+            except Exception as e:
+                for t in mins:
+                    self.unavailable[t] = f"the minimal origin did not start: {e}"[-600:]
+                log(f"min tiers: {self.unavailable[mins[0]]}")
+        for tier in ("keygate-min", "keygate-min-h1"):
+            if tier in self.names():
+                self.keygate_config(WORK / f"{tier}.toml", self.ports[tier],
+                                    self.ports[f"{tier}_admin"], certgen=False,
+                                    upstream_port=self.ports["origin"],
+                                    http2=tier == "keygate-min")
         for tier in self.names():
             if tier in FLEET_TIERS:
                 try:
@@ -225,24 +284,52 @@ inject = {{ ai_secret = "UP" }}
                     self.unavailable[tier] = f"set-up failed: {type(e).__name__}: {e}"[:600]
                     log(f"{tier}: {self.unavailable[tier]}")
         for tier in self.names():
-            if tier in FLEET_TIERS:
-                try:
-                    self.start_proxy(tier)
-                except Exception as e:
-                    self.unavailable[tier] = f"keygate did not start: {e}"[-600:]
-                    log(f"{tier}: {self.unavailable[tier]}")
-            elif tier != "direct":
-                if tier == "nginx":
-                    r = self.procs.run(self.nginx_argv() + ["-t"], None, 30)
+            if self.kind(tier) == "direct":
+                continue
+            try:
+                if self.kind(tier) == "nginx":
+                    r = self.procs.run(self.nginx_argv(tier) + ["-t"], None, 30)
                     if r.returncode:
                         raise RuntimeError(f"nginx -t: {r.stderr.decode(errors='replace')}")
-                if tier == "haproxy":
-                    r = self.procs.run([self.tools["haproxy"], "-c", "-f", str(WORK / "haproxy.cfg")],
-                                       None, 30)
+                if self.kind(tier) == "haproxy":
+                    r = self.procs.run([self.tools["haproxy"], "-c", "-f",
+                                        str(WORK / self.config_name(tier))], None, 30)
                     if r.returncode:
                         raise RuntimeError(f"haproxy -c: {(r.stdout + r.stderr).decode(errors='replace')}")
                 self.start_proxy(tier)
+            except Exception as e:
+                if tier not in OPTIONAL_TIERS:
+                    raise
+                self.unavailable[tier] = f"did not start: {e}"[-600:]
+                log(f"{tier}: {self.unavailable[tier]}")
         self.check_tiers()
+
+    @staticmethod
+    def config_name(tier: str) -> str:
+        """The config file of an nginx, HAProxy or origin tier in WORK."""
+        return f"{tier}.cfg" if tier.startswith("haproxy") else f"{tier}.conf"
+
+    def start_origin(self) -> None:
+        """The minimal TLS origin of the min tiers: nginx (templates/origin.conf.tmpl) on the
+        load generator's core, as the fixture; its worker is what server_pids() measures."""
+        argv = [self.tools["nginx"], "-e", str(WORK / "origin-error.log"), "-p", str(WORK),
+                "-c", str(WORK / "origin.conf")]
+        r = self.procs.run(argv + ["-t"], None, 30)
+        if r.returncode:
+            raise RuntimeError(f"nginx -t (origin): {r.stderr.decode(errors='replace')}")
+        lp = WORK / "origin.log"
+        p = self.procs.start("origin", argv + ["-g", "daemon off;"], LOAD_CORE, lp)
+        self.servers["origin"] = p
+        wait_for_port(p, self.ports["origin"], 15, "origin", lp)
+        for _ in range(100):
+            if children(p.pid):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"origin: no worker process 5 s after its port opened; log {lp}")
+        self.note(f"min tiers: the origin is nginx (`return 200 \"ok\"`, h2 and http/1.1 by "
+                  f"ALPN, templates/origin.conf.tmpl) on 127.0.0.1:{self.ports['origin']}, on "
+                  f"the load generator's core")
 
     # ---- the fleet tiers' servers and stores
 
@@ -363,29 +450,29 @@ inject = {{ ai_secret = "UP" }}
         wait_for_line(p, lp, "bench-upstream: ready", 15, name)
         return p
 
-    def nginx_argv(self) -> list[str]:
-        return [self.tools["nginx"], "-e", str(WORK / "nginx-error.log"), "-p", str(WORK),
-                "-c", str(WORK / "nginx.conf")]
+    def nginx_argv(self, tier: str = "nginx") -> list[str]:
+        return [self.tools["nginx"], "-e", str(WORK / f"{tier}-error.log"), "-p", str(WORK),
+                "-c", str(WORK / self.config_name(tier))]
 
-    def haproxy_argv(self) -> list[str]:
-        return [self.tools["haproxy"], "-W", "-db", "-f", str(WORK / "haproxy.cfg")]
+    def haproxy_argv(self, tier: str = "haproxy") -> list[str]:
+        return [self.tools["haproxy"], "-W", "-db", "-f", str(WORK / self.config_name(tier))]
 
     def start_proxy(self, tier: str) -> None:
         lp = WORK / f"{tier}.log"
-        if tier in KEYGATES:
+        if self.kind(tier) == "keygate":
             env = dict(os.environ, KEYGATE_LOG="warn")
             p = self.procs.start(tier, [str(KEYGATE), "--config", str(WORK / f"{tier}.toml"),
                                         "serve"], PROXY_CORE, lp, env=env)
             wait_for_line(p, lp, "proxy listening on", 30, tier)
         else:
-            if tier == "nginx":
-                p = self.procs.start("nginx", self.nginx_argv() + ["-g", "daemon off;"],
+            if self.kind(tier) == "nginx":
+                p = self.procs.start(tier, self.nginx_argv(tier) + ["-g", "daemon off;"],
                                      PROXY_CORE, lp)
             else:
                 # Master-worker mode (-W; -db keeps the master in the foreground, as the child
                 # of the harness): SIGUSR2 to the master reloads gracefully (W7). The worker
                 # does the work and is what pids() measures, as for nginx.
-                p = self.procs.start("haproxy", self.haproxy_argv(), PROXY_CORE, lp)
+                p = self.procs.start(tier, self.haproxy_argv(tier), PROXY_CORE, lp)
             wait_for_port(p, self.ports[tier], 15, tier, lp)
             for _ in range(100):  # the worker is forked after the listener opens
                 if children(p.pid):
@@ -416,11 +503,12 @@ inject = {{ ai_secret = "UP" }}
         self.needs_warmup.add(tier)
 
     def names(self) -> list[str]:
-        """The tiers asked for that can run (nginx, HAProxy, the fleet tiers' PostgreSQL and Redis
-        only when installed; a fleet tier whose set-up failed is out too)."""
+        """The tiers asked for that can run (nginx, HAProxy, the fleet tiers' PostgreSQL and Redis,
+        the min tiers' nginx origin only when installed; a fleet or min tier whose set-up failed
+        is out too)."""
         out = []
         for t in self.args.tier_list:
-            if t in TIER_TOOL and not self.tools.get(TIER_TOOL[t]):
+            if any(not self.tools.get(tool) for tool in TIER_TOOLS.get(t, [])):
                 continue
             if t in self.unavailable:
                 continue
@@ -431,18 +519,18 @@ inject = {{ ai_secret = "UP" }}
         """Why a tier asked for does not run."""
         if tier in self.unavailable:
             return self.unavailable[tier]
-        tool = TIER_TOOL.get(tier, tier)
-        return f"{tool} not installed ({INSTALL.get(tool, '?')})"
+        tools = [t for t in TIER_TOOLS.get(tier, [tier]) if not self.tools.get(t)] or [tier]
+        return "; ".join(f"{t} not installed ({INSTALL.get(t, '?')})" for t in tools)
 
     def check_tiers(self) -> None:
         """Before measuring: every tier answers 200, every proxy injects the token and strips
-        the key, and refuses an unknown key with 401. A fleet tier that fails is left out
+        the key, and refuses an unknown key with 401. A fleet or min tier that fails is left out
         (noted), the others end the run."""
         for tier in self.names():
             try:
                 self.check_tier(tier)
             except Exception as e:
-                if tier not in FLEET_TIERS:
+                if tier not in OPTIONAL_TIERS:
                     raise
                 self.unavailable[tier] = f"check failed: {e}"[:600]
                 log(f"{tier}: {self.unavailable[tier]}")
@@ -457,7 +545,7 @@ inject = {{ ai_secret = "UP" }}
         text = body.decode(errors="replace")
         if status != 200:
             raise RuntimeError(f"{tier}: GET /whoami answered {status}: {text[:300]}")
-        if tier != "direct":
+        if self.kind(tier) != "direct":
             if f"authorization=Bearer {TOKEN}" not in text or "x-api-key=absent" not in text:
                 raise RuntimeError(f"{tier}: the upstream saw {text!r}; expected the injected "
                                    f"token and no x-api-key")
@@ -480,7 +568,7 @@ inject = {{ ai_secret = "UP" }}
                 raise RuntimeError(f"{tier}: /readyz says store {store!r}, limits {limits}")
             self.note(f"{tier}: /readyz says key store {store!r}, limits {limits}")
         log(f"{tier}: OK on 127.0.0.1:{port} (credential rewritten, unknown key 401)"
-            if tier != "direct" else f"direct: OK on 127.0.0.1:{port}")
+            if self.kind(tier) != "direct" else f"{tier}: OK on 127.0.0.1:{port}")
 
     def url(self, tier: str, path: str = "/") -> str:
         return f"https://127.0.0.1:{self.port[tier]}{path}"

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .client import http_get, open_tls, read_response
-from .common import FLEET_TIERS, KEYGATES, LOAD_CORE, PROBE, TEMPLATES, TIERS, TMP, WORK, log
+from .common import (FLEET_TIERS, KEYGATES, LOAD_CORE, MIN_KEYGATES, MIN_PEERS, MIN_TIERS, PROBE,
+                     TEMPLATES, TIERS, TMP, WORK, log)
 from .parsers import UNIT_MS, parse_h2load, parse_oha, parse_wrk
 from .processes import children, cpu_us, rss_kib
 from .tiers import Tiers
@@ -65,8 +66,13 @@ class Workload:
     # does its own accounting (implied by restarts).
     own_accounting: bool = False
     proxy_only: str | None = None   # not run on the direct tier: why
-    # Only on these tiers (None: every tier but the fleet tiers, which run W8 only).
+    # Only on these tiers (None: every tier but the fleet and min tiers, which run W8 and W1min
+    # only).
     on_tiers: list[str] | None = None
+    # The ratios of the report, taken round by round: (keygate tier, peer tier) pairs; a peer
+    # given as a list of tiers is the best of them in that round (for a higher-is-better metric
+    # the highest, else the lowest). None: keygate ÷ direct, nginx, HAProxy.
+    ratios: list[tuple[str, str | list[str]]] | None = None
     cpu_metric: str = "cpu_us_per_req"  # the name of the proxy's CPU per request
     # More lines for its section of latest.md, from all the measurements.
     details: Callable[[list[dict]], list[str]] | None = None
@@ -183,6 +189,80 @@ def w1_rate(tiers: Tiers, tier: str) -> tuple[dict, str]:
         raise RuntimeError(f"h2load exited {r.returncode}: {r.stderr.decode(errors='replace')[-500:]}")
     return dict(parse_h2load(r.stdout.decode(errors="replace"), logf), load_s=secs), shlex.join(
         tiers.procs.argv(argv, LOAD_CORE))
+
+
+# ---------------------------------------------------------------- W1min
+
+# The origin's CPU per request must stay far below every proxy's: above this share of a proxy's,
+# the report warns (the origin, on the load generator's core, may then limit the run).
+ORIGIN_SHARE_WARN = 0.5
+MIN_PROXIES = [t for t in MIN_TIERS if t != "direct-min"]
+
+W1MIN_COLUMNS = [("rps", "req/s", "k", True), ("cpu_us_per_req", "CPU µs/req", "f1", False),
+                 ("p50_ms", "p50 ms", "f2", False), ("p99_ms", "p99 ms", "f2", False),
+                 ("origin_cpu_us_per_req", "origin µs/req", "f2", None),
+                 ("proxy_cpu_pct", "proxy CPU %", "f0", None), ("rss_mib", "RSS MiB", "f1", None)]
+W1MIN_RATIOS = [(kg, peer) for kg in MIN_KEYGATES
+                for peer in MIN_PEERS + [[p for p in MIN_PEERS if p != "direct-min"]]]
+
+
+def origin_share(wname: str) -> Callable[[list[dict]], list[str]]:
+    """W1min's extra lines: the origin's CPU per request against each proxy's, round by round,
+    and a warning when it was more than ORIGIN_SHARE_WARN of a proxy's."""
+    def details(measurements: list[dict]) -> list[str]:
+        over, shares = [], []
+        for r in measurements:
+            m = r.get("metrics") or {}
+            if r["workload"] != wname or r["tier"] not in MIN_PROXIES:
+                continue
+            o, p = m.get("origin_cpu_us_per_req"), m.get("cpu_us_per_req")
+            if o is None or not p:
+                continue
+            shares.append(o / p)
+            if o > ORIGIN_SHARE_WARN * p:
+                over.append(f"{r['tier']} round {r['round']}: origin {o:.2f} µs/req, proxy "
+                            f"{p:.2f} µs/req")
+        if not shares:
+            return []
+        if over:
+            return ["", f"**Warning: the origin's CPU per request was more than "
+                        f"{ORIGIN_SHARE_WARN:.0%} of the proxy's** ({'; '.join(over)}): the "
+                        f"origin is not negligible against these proxies, and may have limited "
+                        f"the run instead of the proxy."]
+        return ["", f"The origin's CPU per request stayed below {ORIGIN_SHARE_WARN:.0%} of every "
+                    f"proxy's (origin ÷ proxy at most {max(shares):.2f}, median "
+                    f"{sorted(shares)[len(shares) // 2]:.2f})."]
+    return details
+
+
+W1MIN_LOAD = ("on the min tiers: the proxies configured exactly like their tiers but in front of "
+              "a minimal TLS origin (nginx `return 200 \"ok\"`, h2 and http/1.1 by ALPN, "
+              "templates/origin.conf.tmpl, on the load generator's core) instead of the "
+              "fixture; keygate-min talks h2 to it, keygate-min-h1, nginx-min and haproxy-min "
+              "HTTP/1.1; direct-min is the origin itself. \"origin µs/req\" is the CPU of "
+              "the origin's nginx worker during the run, per request. Ratios per round; "
+              "\"best peer\" is the better of nginx-min and haproxy-min in that round")
+
+
+@workload("W1min-h1", title="W1min small GET, HTTP/1.1 over TLS, keep-alive, minimal origin",
+          load="wrk -t1 -c64 --latency, the next of 10,000 keys on each request, " + W1MIN_LOAD,
+          tools=["wrk"], on_tiers=MIN_TIERS, full_only=True, columns=W1MIN_COLUMNS,
+          ratios=W1MIN_RATIOS, details=origin_share("W1min-h1"),
+          chart=[("rps", "W1min h1 TLS, minimal origin: req/s", True),
+                 ("cpu_us_per_req", "W1min h1 TLS, minimal origin: proxy CPU µs/req", False)])
+def w1min_h1(tiers: Tiers, tier: str) -> tuple[dict, str]:
+    return wrk(tiers, tier, 64, tiers.mode["wrk_s"], "/", ["GET", "0"])
+
+
+@workload("W1min-h2", title="W1min small GET, HTTP/2 over TLS, minimal origin",
+          load="h2load -t1 -c16 -m16, one key (exempt from the 1000 r/s per-key limit), "
+               + W1MIN_LOAD,
+          tools=["h2load"], on_tiers=MIN_TIERS, full_only=True, columns=W1MIN_COLUMNS,
+          ratios=W1MIN_RATIOS, details=origin_share("W1min-h2"),
+          chart=[("rps", "W1min h2 TLS 16×16, minimal origin: req/s", True),
+                 ("cpu_us_per_req", "W1min h2 TLS, minimal origin: proxy CPU µs/req", False)])
+def w1min_h2(tiers: Tiers, tier: str) -> tuple[dict, str]:
+    return h2load_h2(tiers, tier)
 
 
 # ---------------------------------------------------------------- W8
