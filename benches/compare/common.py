@@ -63,7 +63,7 @@ MODES = {
                   budget_s=180),  # W7 alone is ~30 s a round (3 tiers x 8 s + reload checks)
     "full": dict(rounds=5, warmup_s=3, wrk_s=10, h2_s=5, rate_s=4, upload_s=4, handshake_s=4,
                  sse_events=300, slow_uploads=64, slow_bytes=4 << 20, idle_conns=5000,
-                 budget_s=23 * 60),
+                 budget_s=30 * 60),  # W1min (~7 min: 5 tiers x 2 loads x 5 rounds) included
 }
 
 INSTALL = {
