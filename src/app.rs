@@ -326,7 +326,9 @@ impl Serve for Listener {
                 let live = self.state.live();
                 crate::proxy::handle(&self.state.plane, &live, req, peer).await
             }
-            Plane::Admin => crate::admin::handle(self.state.clone(), req, peer).await,
+            // Boxed: the admin handler's future (3.4 KiB in a debug build) would otherwise
+            // size this one, which every proxy request moves into a box of its own.
+            Plane::Admin => Box::pin(crate::admin::handle(self.state.clone(), req, peer)).await,
         }
     }
 

@@ -102,7 +102,7 @@ async fn known(v: &Verifiers<'_>, (index, route): (usize, &Route), headers: &Hea
         return false;
     };
     match &route.inject {
-        Inject::Passthrough(_) => v.passthrough.known_valid(v.master, index, key).await,
+        Inject::Passthrough(_) => Box::pin(v.passthrough.known_valid(v.master, index, key)).await,
         Inject::AiSecret { .. } => v.keys.cached(key).is_some(),
     }
 }
@@ -120,9 +120,15 @@ async fn check(
                 route: route.name.to_string(),
             });
         }
-        let (bearer, uid) = v
-            .passthrough
-            .validate(v.master, v.upstream, (index, route), validate, key)
+        // Boxed: the validation call (an upstream request and moka's cache) is a future of
+        // several KiB, and inline it would size every request's future, which is moved into
+        // a box per request (a memcpy of its whole size), for the few routes that pass keys
+        // through.
+        let (bearer, uid) =
+            Box::pin(
+                v.passthrough
+                    .validate(v.master, v.upstream, (index, route), validate, key),
+            )
             .await?;
         return Ok(Grant::Passthrough { bearer, uid });
     }
