@@ -167,7 +167,11 @@ where
 pub struct IdleGuard<B> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Runs only while the client side waits on the upstream: started when a poll first finds
+    /// no frame (created then, the first time). A small response whose frames are ready never
+    /// reads the clock or touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
     /// What the route injected, for the reflection guard on trailers.
     injected: Option<Arc<Resolved>>,
 }
@@ -177,7 +181,8 @@ impl<B> IdleGuard<B> {
         IdleGuard {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            waiting: false,
             injected: None,
         }
     }
@@ -203,8 +208,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.timer.as_mut().reset(next);
+                // A frame came: the next wait starts a fresh clock.
+                self.waiting = false;
                 match f.into_trailers() {
                     Ok(mut trailers) => {
                         let (secret, route) = match &self.injected {
@@ -221,14 +226,26 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let idle = self.idle;
-                    tracing::warn!(?idle, "upstream response body stalled; cutting it");
-                    Poll::Ready(Some(Err(Box::new(Cut::Idle(idle)))))
+            Poll::Pending => {
+                let idle = self.idle;
+                let start = !std::mem::replace(&mut self.waiting, true);
+                let timer = match &mut self.timer {
+                    Some(t) => {
+                        if start {
+                            t.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        t
+                    }
+                    slot @ None => slot.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        tracing::warn!(?idle, "upstream response body stalled; cutting it");
+                        Poll::Ready(Some(Err(Box::new(Cut::Idle(idle)))))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 
