@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use serde_json::json;
 use support::postgres::PgServer;
 use support::*;
@@ -97,10 +100,6 @@ where
     }
     None
 }
-
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 
 /// A database of the test's own on the shared server, dropped at the end.
 struct TestDb {

@@ -100,15 +100,29 @@ impl Admitted {
     }
 }
 
-/// What a quota check answers once it is done.
-pub type Checking<'a> = Pin<Box<dyn Future<Output = Result<Admitted, Refused>> + Send + 'a>>;
+/// What a quota check answers: at once (the local limiter, no allocation), or once a remote
+/// backend has answered (a boxed future, so that the backend can sit behind `Arc<dyn Quotas>`:
+/// an `async fn` or `impl Future` in a trait is not object-safe).
+pub enum Checking<'a> {
+    Done(Result<Admitted, Refused>),
+    Waiting(Pin<Box<dyn Future<Output = Result<Admitted, Refused>> + Send + 'a>>),
+}
+
+impl Future for Checking<'_> {
+    type Output = Result<Admitted, Refused>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            Checking::Done(answer) => std::task::Poll::Ready(*answer),
+            Checking::Waiting(f) => f.as_mut().poll(cx),
+        }
+    }
+}
 
 /// The per-key and per-route quotas, as the data plane sees them: one check per request.
-///
-/// The check returns a boxed future so that the backend can sit behind `Arc<dyn Quotas>`
-/// (an `async fn` or `impl Future` in a trait is not object-safe) and be chosen by the config at
-/// start. One small allocation per request, next to a TLS record and an upstream round trip;
-/// the local backend's future is already complete when it is returned.
 pub trait Quotas: Send + Sync {
     /// Admits a request of key `uid` (whose own quota is `own`) on route `route` (its index in
     /// the configured routes), or refuses it.
@@ -117,7 +131,7 @@ pub trait Quotas: Send + Sync {
 
 impl Quotas for Limiters {
     fn check(&self, uid: u128, own: Option<LimitSpec>, route: usize) -> Checking<'_> {
-        Box::pin(std::future::ready(self.check_key(uid, own, route)))
+        Checking::Done(self.check_key(uid, own, route))
     }
 }
 

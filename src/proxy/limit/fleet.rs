@@ -285,26 +285,23 @@ impl FleetQuotas {
 /// One answer from the verdicts of a request's quotas (route first): the first refusal, or
 /// the tighter admission.
 fn decide(quotas: &[Quota], verdicts: &[Verdict]) -> Result<Admitted, Refused> {
-    let mut admitted = Vec::with_capacity(2);
+    let mut tightest: Option<Admitted> = None;
     for (q, v) in quotas.iter().zip(verdicts) {
         match *v {
             Verdict::Refuse { wait } => return Err(Refused::after(q.policy, q.spec, wait)),
             Verdict::Admit { remaining } => {
-                admitted.push(Admitted::with(q.policy, q.spec, remaining))
+                let key = Admitted::with(q.policy, q.spec, remaining);
+                tightest = Some(Admitted::tighter(tightest, key));
             }
         }
     }
-    match admitted.as_slice() {
-        [key] => Ok(*key),
-        [route, key] => Ok(Admitted::tighter(Some(*route), *key)),
-        // The script answers one verdict per quota (checked in `check`).
-        _ => Err(Refused::after("default", quotas[0].spec, Duration::ZERO)),
-    }
+    // The script answers one verdict per quota (checked in `check`).
+    tightest.ok_or_else(|| Refused::after("default", quotas[0].spec, Duration::ZERO))
 }
 
 impl Quotas for FleetQuotas {
     fn check(&self, uid: u128, own: Option<LimitSpec>, route: usize) -> Checking<'_> {
-        Box::pin(async move {
+        Checking::Waiting(Box::pin(async move {
             let quotas = self.quotas(uid, own, route);
             match self.link.check(&quotas).await {
                 Some(verdicts) => decide(&quotas, &verdicts),
@@ -313,7 +310,7 @@ impl Quotas for FleetQuotas {
                     self.local.check_key(uid, own, route)
                 }
             }
-        })
+        }))
     }
 }
 
