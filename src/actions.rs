@@ -5,6 +5,7 @@
 
 use std::io::Read;
 
+use crate::audit::Actor;
 use crate::config::{LimitSpec, Route};
 use crate::crypto::MasterKey;
 use crate::secret::Secret;
@@ -77,6 +78,7 @@ pub fn create_keys(
     owner: (&str, &str),
     routes: &[Route],
     new: NewKeys,
+    by: &Actor,
 ) -> Result<Vec<(Secret, ApiKeyRecord)>, ActionError> {
     check_name("name", &new.name)?;
     for r in new.routes.iter().flatten() {
@@ -92,7 +94,7 @@ pub fn create_keys(
         limit: new.limit,
     };
     Ok(issue_keys(
-        store, master, owner, &new.name, opts, new.count,
+        store, master, owner, &new.name, opts, new.count, by,
     )?)
 }
 
@@ -101,9 +103,10 @@ pub fn delete_key(
     store: &dyn Store,
     org: Option<&str>,
     id: &str,
+    by: &Actor,
 ) -> Result<ApiKeyRecord, ActionError> {
     store
-        .delete_api_key(org, id)?
+        .delete_api_key(org, id, by)?
         .ok_or_else(|| ActionError::NotFound(format!("no key with id {id}")))
 }
 
@@ -114,6 +117,7 @@ pub fn put_secret(
     name: &str,
     secret_type: Option<String>,
     value: Secret,
+    by: &Actor,
 ) -> Result<AiSecretRecord, ActionError> {
     check_name("name", name)?;
     if let Some(t) = &secret_type {
@@ -125,7 +129,7 @@ pub fn put_secret(
         metadata: None,
         secret: Some(value),
     };
-    Ok(store.write_ai_secret(org, write, WriteMode::SetValue)?)
+    Ok(store.write_ai_secret(org, write, WriteMode::SetValue, by)?)
 }
 
 /// Deletes secret `name` of `org`.
@@ -133,9 +137,10 @@ pub fn delete_secret(
     store: &dyn Store,
     org: &str,
     name: &str,
+    by: &Actor,
 ) -> Result<AiSecretRecord, ActionError> {
     store
-        .delete_ai_secret(org, SecretRef::Name(name))?
+        .delete_ai_secret(org, SecretRef::Name(name), by)?
         .ok_or_else(|| ActionError::NotFound(format!("no secret named {name}")))
 }
 
@@ -165,17 +170,20 @@ pub fn read_secret(mut input: impl Read) -> Result<Secret, ActionError> {
 /// The key table `keys list` prints (never a key; names with odd characters escaped).
 pub fn keys_table(keys: &[ApiKeyRecord]) -> String {
     let mut out = format!(
-        "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  EXPOSED\n",
-        "ID", "CREATED", "ROLE", "PREVIEW", "NAME"
+        "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  {:<24}  {:>9}  {:>9}  EXPOSED\n",
+        "ID", "CREATED", "ROLE", "PREVIEW", "NAME", "LAST USED", "REQUESTS", "429s"
     );
     for k in keys {
         out.push_str(&format!(
-            "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  {}\n",
+            "{:<36}  {:<24}  {:<5}  {:<11}  {:<24}  {:<24}  {:>9}  {:>9}  {}\n",
             k.id,
             k.created,
             k.role.as_str(),
             k.preview_name,
             printable(&k.name),
+            k.last_used.as_deref().unwrap_or("never"),
+            k.request_count,
+            k.rate_limited_count,
             k.exposed
                 .as_deref()
                 .map(|t| format!("yes, at {t}"))
@@ -183,6 +191,87 @@ pub fn keys_table(keys: &[ApiKeyRecord]) -> String {
         ));
     }
     out
+}
+
+/// How long before deleting a key its last use calls for a confirmation.
+pub const RECENT_USE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// When key `k` was last used, in words ("2 minutes ago"), if that was within [`RECENT_USE`]
+/// of `now`: deleting it then needs a confirmation.
+pub fn used_recently(k: &ApiKeyRecord, now: time::OffsetDateTime) -> Option<String> {
+    let t = time::OffsetDateTime::parse(
+        k.last_used.as_deref()?,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    let ago = (now - t).max(time::Duration::ZERO);
+    (ago < RECENT_USE).then(|| relative(ago))
+}
+
+/// A duration in words, rounded down: "just now", "1 minute ago", "42 minutes ago".
+pub fn relative(d: time::Duration) -> String {
+    let secs = d.whole_seconds();
+    match secs {
+        i64::MIN..=9 => "just now".to_owned(),
+        10..=59 => format!("{secs} seconds ago"),
+        60..=119 => "1 minute ago".to_owned(),
+        120..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=7199 => "1 hour ago".to_owned(),
+        _ => format!("{} hours ago", secs / 3600),
+    }
+}
+
+/// The audit table `audit list` prints.
+pub fn audit_table(events: &[crate::audit::Event]) -> String {
+    let mut out = format!(
+        "{:>6}  {:<24}  {:<22}  {:<44}  {:<9}  {:<36}  NAME\n",
+        "#", "TIME", "ACTION", "ACTOR", "OUTCOME", "OBJECT"
+    );
+    for e in events {
+        out.push_str(&format!(
+            "{:>6}  {:<24}  {:<22}  {:<44}  {:<9}  {:<36}  {}\n",
+            e.seq,
+            e.created,
+            printable(&e.action),
+            printable(&e.actor.to_string()),
+            printable(&e.outcome),
+            printable(&format!("{} {}", e.object_type, e.object_id)),
+            printable(&e.object_name)
+        ));
+    }
+    out
+}
+
+/// Checks the whole audit trail, oldest first, a page at a time. `Ok`: how many events there
+/// are, and the head (last number and MAC prefix) to note elsewhere against a rollback.
+pub fn verify_audit(
+    store: &dyn Store,
+    master: &MasterKey,
+) -> Result<Result<(i64, Option<String>), crate::audit::Broken>, ActionError> {
+    let mut v = crate::audit::Verifier::new(master);
+    let mut after = 0;
+    let mut last_mac = None;
+    loop {
+        let page = store.audit_trail(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            if let Err(b) = v.check(e) {
+                return Ok(Err(b));
+            }
+        }
+        last_mac = Some(
+            last.mac
+                .iter()
+                .take(8)
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        );
+    }
+    if let Err(b) = v.finish(store.audit_head()?.as_deref()) {
+        return Ok(Err(b));
+    }
+    Ok(Ok((v.checked(), last_mac)))
 }
 
 /// The secret table `secrets list` prints (previews only).

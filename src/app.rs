@@ -131,6 +131,43 @@ impl AppState {
     /// they started with. A file that does not load or validate changes nothing; the reason is
     /// returned, logged, and kept for `/-/reload` and `/readyz`.
     pub async fn reload(&self) -> Result<u64, String> {
+        self.reload_by(crate::audit::Actor::Keygate).await
+    }
+
+    /// [`AppState::reload`] asked for by `by` (an admin key through `POST /-/reload`; a
+    /// signal is keygate's own), which the audit trail names.
+    pub async fn reload_by(&self, by: crate::audit::Actor) -> Result<u64, String> {
+        let result = self.reload_inner().await;
+        // The outcome only, never the error text: a refused file's error can quote its lines
+        // (a store URL with a password in it).
+        let config = self.live().config.source.clone();
+        let ev = crate::audit::NewEvent {
+            org_id: None,
+            actor: by,
+            action: match result {
+                Ok(_) => crate::audit::action::CONFIG_RELOADED,
+                Err(_) => crate::audit::action::CONFIG_REFUSED,
+            },
+            object_type: "config",
+            object_id: match &result {
+                Ok(generation) => generation.to_string(),
+                Err(_) => String::new(),
+            },
+            object_name: config.map_or_else(
+                || "(built-in defaults)".to_owned(),
+                |p| p.display().to_string(),
+            ),
+            outcome: if result.is_ok() { "ok" } else { "refused" }.to_owned(),
+        };
+        let store = self.store.clone();
+        match blocking(move || store.record_event(ev)).await {
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "could not record the reload in the audit trail"),
+        }
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<u64, String> {
         let _one = self.reloading.lock().await;
         let old = self.live();
         let result = match self.build_reloaded(&old).await {
@@ -268,7 +305,8 @@ impl AppState {
         let result = tokio::task::spawn_blocking(move || {
             store.flag_exposed(&id)?;
             if revoke {
-                store.delete_api_key(None, &id)?;
+                // keygate as the actor: the audit trail records a revocation for cleartext.
+                store.delete_api_key(None, &id, &crate::audit::Actor::Keygate)?;
             }
             store.revisions()
         })
@@ -427,6 +465,41 @@ impl Running {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        // After the drain: the usage of the last requests too.
+        flush_usage(&self.state).await;
+    }
+}
+
+/// Writes the key usage gathered since the last flush to the store, in one transaction. What
+/// cannot be written is put back for the next flush.
+pub async fn flush_usage(state: &Arc<AppState>) {
+    let taken = state.plane.usage.take();
+    if taken.is_empty() {
+        return;
+    }
+    let st = state.clone();
+    let (result, taken) = tokio::task::spawn_blocking(move || {
+        let r = st.store.record_usage(&taken);
+        (r, taken)
+    })
+    .await
+    .unwrap_or_else(|e| (Err(StoreError::TaskFailed(e.to_string())), Vec::new()));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, keys = taken.len(), "could not write key usage; kept for the next flush");
+        state.plane.usage.restore(taken);
+    }
+}
+
+/// Flushes key usage every `keys.usage_flush_interval` (not reloadable: fixed at start).
+async fn flush_usage_every(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let every = state.live().config.keys.usage_flush_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => flush_usage(&state).await,
+            _ = crate::server::signalled(&mut shutdown) => return,
+        }
     }
 }
 
@@ -521,6 +594,7 @@ pub async fn start(
             keys: Arc::new(keys),
             passthrough: Arc::new(PassthroughCache::new(config.keys.cache_capacity)),
             metrics,
+            usage: Arc::default(),
         },
         fleet: fleet.clone(),
     });
@@ -546,7 +620,8 @@ pub async fn start(
     if let Some(link) = fleet {
         tasks.spawn(link.watch(shutdown_rx.clone()));
     }
-    tasks.spawn(evict_idle_state(state.clone(), shutdown_rx));
+    tasks.spawn(evict_idle_state(state.clone(), shutdown_rx.clone()));
+    tasks.spawn(flush_usage_every(state.clone(), shutdown_rx));
 
     Ok(Running {
         proxy_addr,
@@ -704,6 +779,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             k.cache_capacity,
             k.poll_interval,
             k.staleness_bound,
+            k.usage_flush_interval,
         )
     };
     check(

@@ -159,6 +159,8 @@ struct RawKeys {
     poll_interval: Option<String>,
     staleness_bound: Option<String>,
     on_cleartext: Option<String>,
+    usage_flush_interval: Option<String>,
+    track_usage: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -433,6 +435,10 @@ pub struct KeysConfig {
     /// When the store could not be read for longer than this, requests fail closed (503).
     pub staleness_bound: Duration,
     pub on_cleartext: OnCleartext,
+    /// How often key usage gathered in memory is written to the store (also at shutdown).
+    pub usage_flush_interval: Duration,
+    /// Whether requests count towards their key's usage at all (`last_used` and the counts).
+    pub track_usage: bool,
 }
 
 /// Listener hardening.
@@ -926,7 +932,16 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             Some("revoke") => OnCleartext::Revoke,
             Some(_) => return Err(c.err("keys.on_cleartext", "must be \"flag\" or \"revoke\"")),
         },
+        usage_flush_interval: c.duration(
+            "keys.usage_flush_interval",
+            raw.keys.usage_flush_interval,
+            Duration::from_secs(10),
+        )?,
+        track_usage: raw.keys.track_usage.unwrap_or(true),
     };
+    if keys.usage_flush_interval < Duration::from_millis(100) {
+        return Err(c.err("keys.usage_flush_interval", "must be at least 100ms"));
+    }
     if keys.negative_cache_ttl > keys.cache_ttl {
         return Err(c.err(
             "keys.negative_cache_ttl",

@@ -66,6 +66,7 @@ pub struct MasterKeySource {
 pub struct MasterKey {
     at_rest: LessSafeKey,
     pepper: hmac::Key,
+    audit: hmac::Key,
     check: [u8; 32],
     rng: SystemRandom,
 }
@@ -123,15 +124,31 @@ impl MasterKey {
         let at_rest = derive32(&prk, b"at-rest");
         let pepper = derive32(&prk, b"key-digest");
         let check = derive32(&prk, b"store-check");
+        let audit = derive32(&prk, b"audit-trail");
         MasterKey {
             at_rest: LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, at_rest.as_ref())
                     .expect("32 bytes is an AES-256 key"),
             ),
             pepper: hmac::Key::new(hmac::HMAC_SHA256, pepper.as_ref()),
+            audit: hmac::Key::new(hmac::HMAC_SHA256, audit.as_ref()),
             check: *check,
             rng: SystemRandom::new(),
         }
+    }
+
+    /// The MAC of an audit event's canonical bytes (which include the previous event's MAC),
+    /// under a key derived from the master key for this use only.
+    pub fn audit_mac(&self, canonical: &[u8]) -> [u8; 32] {
+        let tag = hmac::sign(&self.audit, canonical);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Whether `mac` is the MAC of `canonical`, compared in constant time.
+    pub fn audit_mac_matches(&self, canonical: &[u8], mac: &[u8]) -> bool {
+        hmac::verify(&self.audit, canonical, mac).is_ok()
     }
 
     /// A fingerprint of the master key, safe to store: it is a one-way derivation.

@@ -25,6 +25,8 @@
 //! - [`secret`]: the `Secret` type whose `Debug` prints `***`.
 //! - [`error`]: the one mapping from `ProxyError` / `AdminError` to a response.
 //! - [`access`]: the access log line of each request.
+//! - [`audit`]: the tamper-evident audit trail (events, their MAC chain, verification).
+//! - [`usage`]: key usage gathered on the hot path, flushed to the store in batches.
 //! - [`metrics`]: the counters and the Prometheus exposition of `/metrics`.
 //! - `fuzzing`: entry points for the cargo-fuzz targets (hidden from the docs).
 
@@ -32,6 +34,7 @@ pub mod access;
 pub mod actions;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -46,6 +49,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod usage;
 
 /// The body of every response keygate sends: a streamed upstream body, or a small full one.
 pub type Body = http_body_util::Either<

@@ -14,7 +14,8 @@ use clap::Parser;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use keygate::actions::{self, NewKeys};
-use keygate::cli::args::{Cli, Command, KeysCommand, LogFormat, SecretsCommand};
+use keygate::audit::Actor;
+use keygate::cli::args::{AuditCommand, Cli, Command, KeysCommand, LogFormat, SecretsCommand};
 use keygate::cli::{self, master_env, CliError};
 use keygate::config::Config;
 use keygate::store::ListQuery;
@@ -57,6 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Keys(cmd) => keys(&config, cmd)?,
         Command::Secrets(cmd) => secrets(&config, cmd)?,
+        Command::Audit(cmd) => return audit(&config, cmd),
         Command::Run {
             object_type,
             object_id,
@@ -105,6 +107,7 @@ fn keys(config: &Config, cmd: KeysCommand) -> Result<(), CliError> {
                 (&t.org_id, &t.user_id),
                 &config.routes,
                 new,
+                &Actor::cli(),
             )?;
             match made.as_slice() {
                 [(_, rec)] => eprintln!(
@@ -129,8 +132,11 @@ fn keys(config: &Config, cmd: KeysCommand) -> Result<(), CliError> {
             let keys = store.list_api_keys(&ListQuery::all(&t.org_id, u32::MAX))?;
             print!("{}", actions::keys_table(&keys));
         }
-        KeysCommand::Delete { id } => {
-            let rec = actions::delete_key(store.as_ref(), None, &id)?;
+        KeysCommand::Delete { id, force } => {
+            if !force {
+                confirm_key_delete(store.as_ref(), &t.org_id, &id)?;
+            }
+            let rec = actions::delete_key(store.as_ref(), None, &id, &Actor::cli())?;
             eprintln!("deleted key {} ({})", rec.id, rec.name);
         }
     }
@@ -146,7 +152,14 @@ fn secrets(config: &Config, cmd: SecretsCommand) -> Result<(), CliError> {
                 eprintln!("reading the secret from stdin; type it and end with Ctrl-D (it is not echoed back anywhere)");
             }
             let value = actions::read_secret(std::io::stdin().lock())?;
-            let rec = actions::put_secret(store.as_ref(), &org, name.trim(), secret_type, value)?;
+            let rec = actions::put_secret(
+                store.as_ref(),
+                &org,
+                name.trim(),
+                secret_type,
+                value,
+                &Actor::cli(),
+            )?;
             let ty = rec.secret_type.as_deref().unwrap_or("no type");
             eprintln!(
                 "stored secret {} ({ty}), preview {}",
@@ -159,9 +172,83 @@ fn secrets(config: &Config, cmd: SecretsCommand) -> Result<(), CliError> {
             print!("{}", actions::secrets_table(&list));
         }
         SecretsCommand::Delete { name } => {
-            let rec = actions::delete_secret(store.as_ref(), &org, &name)?;
+            let rec = actions::delete_secret(store.as_ref(), &org, &name, &Actor::cli())?;
             eprintln!("deleted secret {}", rec.name);
         }
     }
     Ok(())
+}
+
+/// Before deleting a key used within the last hour: ask on a terminal, refuse otherwise (the
+/// operator passes --force). Usage is as of the servers' last flush (`keys.usage_flush_interval`).
+fn confirm_key_delete(
+    store: &dyn keygate::store::Store,
+    org: &str,
+    id: &str,
+) -> Result<(), CliError> {
+    let Some(rec) = store.get_api_key(org, id)? else {
+        return Ok(()); // delete_key says there is no such key
+    };
+    let Some(ago) = actions::used_recently(&rec, time::OffsetDateTime::now_utc()) else {
+        return Ok(());
+    };
+    let warning = format!("this key was used {ago}; integrations using it will stop working");
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin())
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if !interactive {
+        return Err(CliError::Other(format!(
+            "not deleting key {id}: {warning}. Pass --force to delete it anyway"
+        )));
+    }
+    eprint!("{warning}. Delete key {id} ({})? [y/N] ", rec.name);
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(CliError::Other(format!("not deleting key {id}")))
+    }
+}
+
+fn audit(config: &Config, cmd: AuditCommand) -> Result<ExitCode, CliError> {
+    let (master, store) = keygate::app::open_store(config, master_env())?;
+    match cmd {
+        AuditCommand::Verify => match actions::verify_audit(store.as_ref(), &master)? {
+            Ok((n, head)) => {
+                match head {
+                    Some(mac) => eprintln!(
+                        "audit trail OK: {n} events, each chained to the one before; the last is #{n}, MAC {mac}… (note it elsewhere: a later check that ends earlier or elsewhere means a rollback)"
+                    ),
+                    None => eprintln!("audit trail OK: no events yet"),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(broken) => {
+                eprintln!("keygate: audit trail BROKEN: {broken}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        AuditCommand::List { json, limit } => {
+            let t = store.tenant()?;
+            let events = store.audit_events(&keygate::store::AuditQuery {
+                org_id: t.org_id,
+                page: keygate::store::Page::First,
+                limit,
+            })?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            if json {
+                for e in &events {
+                    writeln!(out, "{}", e.to_json()).map_err(|e| CliError::Other(e.to_string()))?;
+                }
+            } else {
+                write!(out, "{}", actions::audit_table(&events))
+                    .map_err(|e| CliError::Other(e.to_string()))?;
+            }
+            out.flush().map_err(|e| CliError::Other(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

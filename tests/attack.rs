@@ -52,6 +52,7 @@ fn limited_key(kg: &Keygate, role: Role, routes: &[&str]) -> String {
             routes: Some(routes.iter().map(|r| r.to_string()).collect()),
             limit: None,
         },
+        &keygate::audit::Actor::Keygate,
     )
     .unwrap();
     k.expose().to_owned()

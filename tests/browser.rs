@@ -97,11 +97,13 @@ async fn the_settings_page_manages_keys_secrets_and_env_vars_in_chromium() {
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     // An admin allowance the whole flow fits in (about 60 calls), small enough that the page's
-    // last step reaches a 429 by clicking in a few seconds.
+    // last step reaches a 429 by clicking in a few seconds. Key usage is written to the store
+    // every 200ms (10 s by default), so the page shows a use without the test waiting long.
     let kg = Keygate::start(
         &ca,
         &[("/", &up.url(), "S")],
-        "[limits]\nadmin = { per_second = 2, burst = 100 }\n",
+        "[limits]\nadmin = { per_second = 2, burst = 100 }\n\
+         [keys]\nusage_flush_interval = \"200ms\"\n",
     )
     .await;
     let (admin_key, _) = make_key(&kg, Role::Admin);
@@ -143,6 +145,12 @@ async fn the_settings_page_manages_keys_secrets_and_env_vars_in_chromium() {
         "browser steps failed:\n{stdout}\n{stderr}"
     );
     println!("screenshot: {}", screenshot.display());
+    println!(
+        "activity screenshot: {}",
+        screenshot
+            .with_file_name("settings-page-activity.png")
+            .display()
+    );
 
     // The upstream saw exactly the one request made with the new key while it lived, with the
     // injected credential in place of the key.
@@ -163,18 +171,21 @@ async fn the_settings_page_manages_keys_secrets_and_env_vars_in_chromium() {
     // What the page created and deleted, as the store has it now.
     let (_, store) = kg.store();
     let org = store.tenant().unwrap().org_id;
-    let names: Vec<String> = store
-        .list_api_keys(&ListQuery::all(&org, 1000))
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
+    let keys = store.list_api_keys(&ListQuery::all(&org, 1000)).unwrap();
+    let names: Vec<String> = keys.iter().map(|k| k.name.clone()).collect();
     for gone in ["e2e-browser", "<img src=x onerror=alert(1)>"] {
         assert!(!names.iter().any(|n| n == gone), "{gone:?} was deleted");
     }
     for kept in ["ci-pipeline", "slack-bot"] {
         assert!(names.iter().any(|n| n == kept), "{kept:?} was created");
     }
+    // The proxy key the page refused at sign-in (403 from the admin API) counted one use.
+    let refused = keys
+        .iter()
+        .find(|k| k.id == kg.key_id)
+        .expect("the proxy key");
+    assert_eq!((refused.request_count, refused.rate_limited_count), (1, 0));
+    assert!(refused.last_used.is_some());
     let secrets = store
         .list_ai_secrets(&ListQuery::all(&org, 1000), &[])
         .unwrap();

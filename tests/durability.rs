@@ -138,6 +138,42 @@ async fn acknowledged_writes_survive_kill_9_mid_write_and_a_restart() {
         up.recorded().last().unwrap().headers["authorization"],
         "Bearer value-000000"
     );
+    // The audit trail matches the data exactly: every secret there has its one
+    // `secret.created` event, and no event names a secret that is not there (the event is in
+    // the transaction of the change, so the kill cut both or neither). The API key made above
+    // has its event too.
+    let audit_url = format!("https://127.0.0.1:{}/v1/audit", kg.admin.port());
+    let mut events = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            None => format!("{audit_url}?limit=1000"),
+            Some(c) => format!("{audit_url}?limit=1000&starting_after={c}"),
+        };
+        let (s, _, page) = admin_call(&client, "GET", &url, Some(&admin_key), None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        let page = page["objects"].as_array().unwrap().clone();
+        let Some(last) = page.last() else { break };
+        cursor = Some(last["id"].as_str().unwrap().to_owned());
+        events.extend(page);
+    }
+    let mut created_secrets = BTreeSet::new();
+    for e in &events {
+        if e["action"] == "secret.created" {
+            let i: u32 = e["object_name"].as_str().unwrap()[1..].parse().unwrap();
+            assert!(created_secrets.insert(i), "two events for S{i}");
+        }
+    }
+    assert_eq!(
+        created_secrets, present,
+        "secrets and their secret.created events differ after kill -9"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e["action"] == "key.created" && e["object_name"] == "after-restart"));
     let (code, _) = kg.terminate().await;
     assert_eq!(code, Some(0));
+    let (code, _, err) = cli(dir.path(), &["--config", &cfg, "audit", "verify"], b"", &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("audit trail OK"), "{err}");
 }

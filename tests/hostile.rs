@@ -1593,7 +1593,13 @@ async fn every_refused_key_gets_the_byte_identical_401() {
     let r = one_response(&tls, kg.proxy, &line(&revoked)).await;
     assert_eq!(r.status, 201, "the key works before it is revoked");
     let (_, store) = kg.store();
-    keygate::store::Store::delete_api_key(store.as_ref(), None, &revoked_id).unwrap();
+    keygate::store::Store::delete_api_key(
+        store.as_ref(),
+        None,
+        &revoked_id,
+        &keygate::audit::Actor::Keygate,
+    )
+    .unwrap();
     let deleted = Instant::now();
     while one_response(&tls, kg.proxy, &line(&revoked)).await.status != 401 {
         assert!(

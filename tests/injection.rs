@@ -634,7 +634,12 @@ fn env_var(
         value: Some(keygate::secret::Secret::new(value.into())),
     };
     store
-        .write_env_var(&org, w, keygate::store::WriteMode::Replace)
+        .write_env_var(
+            &org,
+            w,
+            keygate::store::WriteMode::Replace,
+            &keygate::audit::Actor::Keygate,
+        )
         .unwrap()
         .id
 }

@@ -110,7 +110,9 @@ async fn every_401_is_identical_and_never_reaches_the_upstream() {
     // Let the revoked key be cached as valid first, then delete it.
     let (s, _, _) = send(&client, get(&kg.url("/"), &[("x-api-key", &revoked)])).await;
     assert_eq!(s, StatusCode::CREATED);
-    store.delete_api_key(None, &revoked_id).unwrap();
+    store
+        .delete_api_key(None, &revoked_id, &keygate::audit::Actor::Keygate)
+        .unwrap();
     // The poller has seen the new keys revision: the cached entry is stale.
     let stale = || kg.state().plane.keys.cached(&revoked).is_none();
     assert!(
@@ -388,7 +390,11 @@ async fn unrouted_paths_get_404_and_missing_secrets_503() {
     let (_, store) = kg.store();
     let org = store.tenant().unwrap().org_id;
     store
-        .delete_ai_secret(&org, keygate::store::SecretRef::Name("K"))
+        .delete_ai_secret(
+            &org,
+            keygate::store::SecretRef::Name("K"),
+            &keygate::audit::Actor::Keygate,
+        )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {

@@ -79,6 +79,7 @@ impl Fleet {
             (&t.org_id, &t.user_id),
             "fleet",
             options,
+            &keygate::audit::Actor::Keygate,
         )
         .unwrap();
         k.expose().to_owned()

@@ -20,16 +20,19 @@ type Open = dyn Fn(u8) -> Result<Arc<dyn Store>, StoreError> + Sync;
 
 fn key(s: &dyn Store, name: &str, digest: u8) -> keygate::store::ApiKeyRecord {
     let t = s.tenant().unwrap();
-    s.create_api_key(NewApiKey {
-        org_id: t.org_id,
-        user_id: t.user_id,
-        name: name.into(),
-        role: Role::Proxy,
-        digest: [digest; 32],
-        preview_name: "sk-****abcd".into(),
-        routes: Some(vec!["chat".into()]),
-        limit: None,
-    })
+    s.create_api_key(
+        NewApiKey {
+            org_id: t.org_id,
+            user_id: t.user_id,
+            name: name.into(),
+            role: Role::Proxy,
+            digest: [digest; 32],
+            preview_name: "sk-****abcd".into(),
+            routes: Some(vec!["chat".into()]),
+            limit: None,
+        },
+        &keygate::audit::Actor::Keygate,
+    )
     .unwrap()
 }
 
@@ -43,6 +46,7 @@ fn put(s: &dyn Store, org: &str, name: &str, value: &str) -> keygate::store::AiS
             secret: Some(Secret::new(value.into())),
         },
         WriteMode::SetValue,
+        &keygate::audit::Actor::Keygate,
     )
     .unwrap()
 }
@@ -75,30 +79,33 @@ fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
     // A quota change does.
     let limit = keygate::config::LimitSpec::new(2.5, 7);
     let limited = s
-        .set_api_key_limit(&t.org_id, &rec.id, limit)
+        .set_api_key_limit(&t.org_id, &rec.id, limit, &keygate::audit::Actor::Keygate)
         .unwrap()
         .unwrap();
     assert_eq!(limited.limit, limit);
     assert!(s.revisions().unwrap().keys > r1.keys);
     assert!(s
-        .set_api_key_limit(&t.org_id, "nope", None)
+        .set_api_key_limit(&t.org_id, "nope", None, &keygate::audit::Actor::Keygate)
         .unwrap()
         .is_none());
 
     assert!(s
-        .delete_api_key(Some("other-org"), &rec.id)
+        .delete_api_key(Some("other-org"), &rec.id, &keygate::audit::Actor::Keygate)
         .unwrap()
         .is_none());
     let r2 = s.revisions().unwrap();
     assert_eq!(
-        s.delete_api_key(Some(&t.org_id), &rec.id)
+        s.delete_api_key(Some(&t.org_id), &rec.id, &keygate::audit::Actor::Keygate)
             .unwrap()
             .unwrap()
             .id,
         rec.id
     );
     assert!(s.revisions().unwrap().keys > r2.keys);
-    assert!(s.delete_api_key(None, &rec.id).unwrap().is_none());
+    assert!(s
+        .delete_api_key(None, &rec.id, &keygate::audit::Actor::Keygate)
+        .unwrap()
+        .is_none());
     assert!(s.principal_by_digest(&[9; 32]).unwrap().0.is_none());
     assert_eq!(s.count_api_keys().unwrap(), 0);
 }
@@ -125,7 +132,9 @@ fn thousands_of_keys_in_one_call_keep_their_order(open: &Open) {
             limit: keygate::config::LimitSpec::new(f64::from(i % 7 + 1), 3),
         })
         .collect();
-    let made = s.create_api_keys(new).unwrap();
+    let made = s
+        .create_api_keys(new, &keygate::audit::Actor::Keygate)
+        .unwrap();
     assert_eq!(made.len(), n as usize);
     for i in [0, 1, 4_999, 5_000, 11_999] {
         let rec = &made[i as usize];
@@ -169,7 +178,12 @@ fn pages_are_newest_first_and_cursors_survive_deletion(open: &Open) {
     assert_eq!(page(Page::After(made[6].clone()), 3), Vec::<String>::new());
     assert_eq!(page(Page::Before(made[5].clone()), 2), made[3..5]);
     assert_eq!(page(Page::Before(made[0].clone()), 2), Vec::<String>::new());
-    s.delete_ai_secret(&org, SecretRef::Id(&made[2])).unwrap();
+    s.delete_ai_secret(
+        &org,
+        SecretRef::Id(&made[2]),
+        &keygate::audit::Actor::Keygate,
+    )
+    .unwrap();
     assert_eq!(page(Page::After(made[2].clone()), 2), made[3..5]);
     let bogus = uuid::Uuid::new_v4().to_string();
     assert!(matches!(
@@ -232,6 +246,7 @@ fn secrets_follow_the_write_modes(open: &Open) {
                 secret: value.map(|v| Secret::new(v.into())),
             },
             mode,
+            &keygate::audit::Actor::Keygate,
         )
         .unwrap()
     };
@@ -269,6 +284,7 @@ fn secrets_follow_the_write_modes(open: &Open) {
                 secret: Some(Secret::new("patched-value-9876".into())),
                 ..Default::default()
             },
+            &keygate::audit::Actor::Keygate,
         )
         .unwrap()
         .unwrap();
@@ -291,19 +307,29 @@ fn secrets_follow_the_write_modes(open: &Open) {
             name: Some("OTHER".into()),
             ..Default::default()
         },
+        &keygate::audit::Actor::Keygate,
     );
     assert!(matches!(taken, Err(StoreError::Conflict(_))), "{taken:?}");
     assert!(s
-        .patch_ai_secret(&org, "nope", AiSecretPatch::default())
+        .patch_ai_secret(
+            &org,
+            "nope",
+            AiSecretPatch::default(),
+            &keygate::audit::Actor::Keygate
+        )
         .unwrap()
         .is_none());
     // Delete by name and by id.
     assert!(s
-        .delete_ai_secret(&org, SecretRef::Name("OTHER"))
+        .delete_ai_secret(
+            &org,
+            SecretRef::Name("OTHER"),
+            &keygate::audit::Actor::Keygate
+        )
         .unwrap()
         .is_some());
     assert!(s
-        .delete_ai_secret(&org, SecretRef::Id(&a.id))
+        .delete_ai_secret(&org, SecretRef::Id(&a.id), &keygate::audit::Actor::Keygate)
         .unwrap()
         .is_some());
     assert!(s.ai_secret_value(&org, "OPENAI").unwrap().is_none());
@@ -324,6 +350,7 @@ fn env_vars_scope_and_stamping_is_not_a_change(open: &Open) {
                 value: Some(Secret::new(value.into())),
             },
             mode,
+            &keygate::audit::Actor::Keygate,
         )
         .unwrap()
     };
@@ -395,14 +422,23 @@ fn env_vars_scope_and_stamping_is_not_a_change(open: &Open) {
         WriteMode::CreateOrGet,
     );
     assert!(matches!(
-        s.patch_env_var(&org, &p.id, "OTHER", None),
+        s.patch_env_var(&org, &p.id, "OTHER", None, &keygate::audit::Actor::Keygate),
         Err(StoreError::Conflict(_))
     ));
-    let renamed = s.patch_env_var(&org, &p.id, "ZONE", None).unwrap().unwrap();
+    let renamed = s
+        .patch_env_var(&org, &p.id, "ZONE", None, &keygate::audit::Actor::Keygate)
+        .unwrap()
+        .unwrap();
     assert_eq!(renamed.name, "ZONE");
     assert!(s.revisions().unwrap().env_vars > before.env_vars);
-    assert!(s.delete_env_var(&org, &p.id).unwrap().is_some());
-    assert!(s.delete_env_var(&org, &p.id).unwrap().is_none());
+    assert!(s
+        .delete_env_var(&org, &p.id, &keygate::audit::Actor::Keygate)
+        .unwrap()
+        .is_some());
+    assert!(s
+        .delete_env_var(&org, &p.id, &keygate::audit::Actor::Keygate)
+        .unwrap()
+        .is_none());
 }
 
 fn concurrent_starts_mint_one_first_admin_key(open: &Open) {
@@ -446,6 +482,159 @@ fn another_master_key_is_refused_before_anything_is_written(open: &Open) {
     );
 }
 
+/// Usage merges (the latest time wins, counts add, a deleted key is skipped) and moves no
+/// revision; every change leaves one chained event with its actor, concurrent writers included.
+fn usage_merges_and_the_audit_trail_chains_every_change(open: &Open) {
+    use keygate::audit::{Actor, NewEvent, Verifier};
+    let s = open(1).unwrap();
+    let master = MasterKey::from_bytes(&[1; 32]);
+    let t = s.tenant().unwrap();
+    let alice = Actor::Cli {
+        user: "alice".into(),
+    };
+    let a = key(s.as_ref(), "a", 1);
+    let b = key(s.as_ref(), "b", 2);
+    let rev = s.revisions().unwrap();
+    let usage = |id: &str, ms: u64, n: u64, l: u64| keygate::store::KeyUsage {
+        key_id: id.to_owned(),
+        last_used_ms: ms,
+        requests: n,
+        rate_limited: l,
+    };
+    let t2 = 1_800_000_000_000; // 2027-01-15T08:00:00.000Z
+    s.record_usage(&[usage(&a.id, t2, 5, 2), usage(&b.id, t2 - 1, 1, 0)])
+        .unwrap();
+    // Another instance's flush: an older time, more counts; and a key deleted meanwhile.
+    s.record_usage(&[
+        usage(&a.id, t2 - 60_000, 3, 1),
+        usage("0190a000-0000-7000-8000-000000000000", t2, 9, 9),
+    ])
+    .unwrap();
+    let a2 = s.get_api_key(&t.org_id, &a.id).unwrap().unwrap();
+    assert_eq!(a2.last_used.as_deref(), Some("2027-01-15T08:00:00.000Z"));
+    assert_eq!((a2.request_count, a2.rate_limited_count), (8, 3));
+    let b2 = s.get_api_key(&t.org_id, &b.id).unwrap().unwrap();
+    assert_eq!(b2.last_used.as_deref(), Some("2027-01-15T07:59:59.999Z"));
+    assert_eq!(s.revisions().unwrap(), rev, "usage moved a revision");
+    assert!(s
+        .list_api_keys(&ListQuery::all(&t.org_id, 10))
+        .unwrap()
+        .iter()
+        .any(|k| k.request_count == 8));
+
+    // Changes by an actor, then a config event of no org.
+    s.delete_api_key(Some(&t.org_id), &b.id, &alice).unwrap();
+    put(s.as_ref(), &t.org_id, "S", "secret-value-0001");
+    s.record_event(NewEvent {
+        org_id: None,
+        actor: Actor::Keygate,
+        action: keygate::audit::action::CONFIG_RELOADED,
+        object_type: "config",
+        object_id: "1".into(),
+        object_name: "/etc/keygate.toml".into(),
+        outcome: "ok".into(),
+    })
+    .unwrap();
+    // Writers in parallel (four connections on PostgreSQL): the chain never forks.
+    let barrier = Barrier::new(4);
+    std::thread::scope(|sc| {
+        for w in 0..4 {
+            let (s, barrier, alice) = (s.clone(), &barrier, alice.clone());
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..10 {
+                    let org = s.tenant().unwrap().org_id;
+                    s.write_env_var(
+                        &org,
+                        EnvVarWrite {
+                            object_type: ObjectType::Project,
+                            object_id: format!("p{w}"),
+                            name: format!("V{i}"),
+                            value: Some(Secret::new(format!("v-{w}-{i}"))),
+                        },
+                        WriteMode::Replace,
+                        &alice,
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    let page = s
+        .audit_events(&keygate::store::AuditQuery {
+            org_id: t.org_id.clone(),
+            page: Page::First,
+            limit: 1000,
+        })
+        .unwrap();
+    // key a, key b, b deleted, S created, the reload, 40 env vars; newest first.
+    assert_eq!(page.len(), 45);
+    let seqs: Vec<i64> = page.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=45).rev().collect::<Vec<_>>());
+    assert_eq!(page[44].action, "key.created");
+    assert_eq!(
+        (page[42].action.as_str(), page[42].object_name.as_str()),
+        ("key.deleted", "b")
+    );
+    assert_eq!(page[42].actor, alice);
+    assert_eq!(page[42].object_id, b.id);
+    assert_eq!(page[41].action, "secret.created");
+    assert_eq!(
+        (page[40].action.as_str(), page[40].org_id.as_deref()),
+        ("config.reloaded", None)
+    );
+    assert!(page[..40]
+        .iter()
+        .all(|e| e.action == "env_var.created" && e.actor == alice));
+    let older = s
+        .audit_events(&keygate::store::AuditQuery {
+            org_id: t.org_id.clone(),
+            page: Page::After(page[9].id.clone()),
+            limit: 5,
+        })
+        .unwrap();
+    assert_eq!(older, page[10..15]);
+    let newer = s
+        .audit_events(&keygate::store::AuditQuery {
+            org_id: t.org_id.clone(),
+            page: Page::Before(page[9].id.clone()),
+            limit: 3,
+        })
+        .unwrap();
+    assert_eq!(newer, page[6..9]);
+    // Another org sees the config event only.
+    let other = s
+        .audit_events(&keygate::store::AuditQuery {
+            org_id: "other-org".into(),
+            page: Page::First,
+            limit: 100,
+        })
+        .unwrap();
+    assert_eq!(other.len(), 1);
+
+    let mut v = Verifier::new(&master);
+    let mut after = 0;
+    loop {
+        let batch = s.audit_trail(after, 7).unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        for e in &batch {
+            v.check(e).unwrap();
+        }
+    }
+    v.finish(s.audit_head().unwrap().as_deref()).unwrap();
+    assert_eq!(v.checked(), 45);
+    // A verifier with another master key finds the first event forged.
+    let other = MasterKey::from_bytes(&[2; 32]);
+    let mut wrong = Verifier::new(&other);
+    let first = s.audit_trail(0, 1).unwrap();
+    assert!(wrong
+        .check(&first[0])
+        .unwrap_err()
+        .0
+        .starts_with("event #1 "));
+}
+
 macro_rules! suite {
     ($backend:ident, $opener:expr) => {
         mod $backend {
@@ -478,6 +667,10 @@ macro_rules! suite {
             #[test]
             fn another_master_key_is_refused_before_anything_is_written() {
                 super::another_master_key_is_refused_before_anything_is_written(&$opener);
+            }
+            #[test]
+            fn usage_merges_and_the_audit_trail_chains_every_change() {
+                super::usage_merges_and_the_audit_trail_chains_every_change(&$opener);
             }
         }
     };

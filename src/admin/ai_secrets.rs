@@ -85,10 +85,11 @@ pub async fn handle(
             let (parts, body) = req.into_parts();
             let b: DeleteBody = required_body(&parts.headers, body).await?;
             ctx.org(b.org_name.as_deref()).await?;
+            let by = ctx.actor.clone();
             ctx.by_id(
                 "ai_secret",
                 b.name,
-                |s, org, name| delete(s, org, SecretRef::Name(name)),
+                move |s, org, name| delete(s, org, SecretRef::Name(name), &by),
                 to_json,
             )
             .await
@@ -104,10 +105,11 @@ pub async fn handle(
         }
         (Method::PATCH, Some(id)) => patch(ctx, req, id).await,
         (Method::DELETE, Some(id)) => {
+            let by = ctx.actor.clone();
             ctx.by_id(
                 "ai_secret",
                 id,
-                |s, org, id| delete(s, org, SecretRef::Id(id)),
+                move |s, org, id| delete(s, org, SecretRef::Id(id), &by),
                 to_json,
             )
             .await
@@ -131,8 +133,13 @@ pub(crate) const LIST_PARAMS: &[&str] = &[
 ];
 pub(crate) const NAME_PARAM: &str = "ai_secret_name";
 
-fn delete(s: &AppState, org: &str, r: SecretRef<'_>) -> Result<Option<AiSecretRecord>, StoreError> {
-    let rec = s.store.delete_ai_secret(org, r)?;
+fn delete(
+    s: &AppState,
+    org: &str,
+    r: SecretRef<'_>,
+    by: &crate::audit::Actor,
+) -> Result<Option<AiSecretRecord>, StoreError> {
+    let rec = s.store.delete_ai_secret(org, r, by)?;
     s.refresh_credentials()?;
     Ok(rec)
 }
@@ -193,9 +200,10 @@ async fn write(
         metadata: b.metadata,
         secret: b.secret,
     };
+    let by = ctx.actor.clone();
     let rec = ctx
         .store(move |s| {
-            let rec = s.store.write_ai_secret(&org, w, mode)?;
+            let rec = s.store.write_ai_secret(&org, w, mode, &by)?;
             s.refresh_credentials()?;
             Ok(rec)
         })
@@ -226,8 +234,9 @@ async fn patch(
             }
         }
     };
+    let by = ctx.actor.clone();
     let patch = move |s: &AppState, org: &str, id: &str| {
-        let rec = s.store.patch_ai_secret(org, id, p)?;
+        let rec = s.store.patch_ai_secret(org, id, p, &by)?;
         s.refresh_credentials()?;
         Ok(rec)
     };

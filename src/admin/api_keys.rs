@@ -2,8 +2,10 @@
 //!
 //! Extension fields: `role` (`"proxy"` by default, or `"admin"`) and `routes` (the route names
 //! the key may use; absent or `null`: all) in the create body; `role`, `routes` and `exposed`
-//! (when the key was seen over cleartext, or `null`) in every object. The official clients
-//! ignore fields they do not know.
+//! (when the key was seen over cleartext, or `null`) in every object, with its usage:
+//! `last_used` (RFC 3339, or `null`), `request_count` and `rate_limited_count`, as of the last
+//! usage flush (`keys.usage_flush_interval`). The official clients ignore fields they do not
+//! know.
 
 use http::Method;
 use hyper::body::Incoming;
@@ -36,6 +38,9 @@ pub fn to_json(k: &ApiKeyRecord) -> Value {
         "exposed": k.exposed,
         "routes": k.routes,
         "rate_limit": k.limit.map(|l| json!({"per_second": l.per_second(), "burst": l.burst})),
+        "last_used": k.last_used,
+        "request_count": k.request_count,
+        "rate_limited_count": k.rate_limited_count,
     })
 }
 
@@ -105,8 +110,9 @@ pub async fn handle(
             let b: PatchBody = super::request::required_body(&parts.headers, body).await?;
             let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
             let by = ctx.principal.key_id();
+            let actor = ctx.actor.clone();
             let patch = move |s: &AppState, org: &str, id: &str| {
-                let rec = s.store.set_api_key_limit(org, id, limit)?;
+                let rec = s.store.set_api_key_limit(org, id, limit, &actor)?;
                 s.keys_changed()?;
                 if let Some(k) = &rec {
                     tracing::info!(key_id = %k.id, by = %by, "key quota changed through the admin API");
@@ -117,8 +123,9 @@ pub async fn handle(
         }
         (Method::DELETE, Some(id)) => {
             let by = ctx.principal.key_id();
+            let actor = ctx.actor.clone();
             let delete = move |s: &AppState, org: &str, id: &str| {
-                let rec = s.store.delete_api_key(Some(org), id)?;
+                let rec = s.store.delete_api_key(Some(org), id, &actor)?;
                 s.keys_changed()?;
                 if let Some(k) = &rec {
                     tracing::info!(key_id = %k.id, by = %by, "key deleted through the admin API");
@@ -167,6 +174,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
     let limit = b.rate_limit.as_ref().map(RateLimitBody::spec).transpose()?;
     let org = ctx.org(b.org_name.as_deref()).await?;
     let user = ctx.principal.user_id().to_owned();
+    let actor = ctx.actor.clone();
     let new = actions::NewKeys {
         name: b.name,
         role,
@@ -183,6 +191,7 @@ async fn create(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Adm
                 (&org, &user),
                 &live.config.routes,
                 new,
+                &actor,
             )?;
             s.keys_changed()?;
             made.into_iter()

@@ -73,16 +73,18 @@ pub async fn handle(
             let b: PatchBody = required_body(&parts.headers, body).await?;
             check_env_name(&b.name)?;
             check_value(&b.value)?;
+            let by = ctx.actor.clone();
             let patch = move |s: &AppState, org: &str, id: &str| {
-                let rec = s.store.patch_env_var(org, id, &b.name, b.value)?;
+                let rec = s.store.patch_env_var(org, id, &b.name, b.value, &by)?;
                 s.refresh_credentials()?;
                 Ok(rec)
             };
             ctx.by_id("env_var", id, patch, to_json).await
         }
         (Method::DELETE, Some(id)) => {
-            let delete = |s: &AppState, org: &str, id: &str| {
-                let rec = s.store.delete_env_var(org, id)?;
+            let by = ctx.actor.clone();
+            let delete = move |s: &AppState, org: &str, id: &str| {
+                let rec = s.store.delete_env_var(org, id, &by)?;
                 s.refresh_credentials()?;
                 Ok(rec)
             };
@@ -162,9 +164,10 @@ async fn write(
         name: b.name,
         value: b.value,
     };
+    let by = ctx.actor.clone();
     let rec = ctx
         .store(move |s| {
-            let rec = s.store.write_env_var(&org, w, mode)?;
+            let rec = s.store.write_env_var(&org, w, mode, &by)?;
             s.refresh_credentials()?;
             Ok(rec)
         })

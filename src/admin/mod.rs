@@ -16,6 +16,7 @@
 
 pub mod ai_secrets;
 pub mod api_keys;
+pub mod audit;
 pub mod env_vars;
 mod ops;
 pub mod request;
@@ -30,6 +31,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::app::AppState;
+use crate::audit::Actor;
 use crate::error::{json_response, AdminError};
 use crate::keycache::LookupError;
 use crate::store::{Principal, Role, StoreError};
@@ -80,6 +82,8 @@ fn is_api_path(path: &str) -> bool {
 pub struct Ctx {
     pub state: Arc<AppState>,
     pub principal: Principal,
+    /// The admin key as the audit trail names it (id and preview).
+    pub actor: Actor,
 }
 
 impl Ctx {
@@ -173,9 +177,9 @@ async fn route(
         "/metrics" => return only_get(&req).map(|()| ops::metrics(&state)),
         _ => {}
     }
-    let (principal, ratelimit) = authenticate(&state, req.headers(), peer, info).await?;
+    let (principal, actor, ratelimit) = authenticate(&state, req.headers(), peer, info).await?;
     if path == "/-/reload" {
-        let mut res = ops::reload(&state, &req).await?;
+        let mut res = ops::reload(&state, &req, actor).await?;
         res.headers_mut().insert("ratelimit", ratelimit);
         return Ok(res);
     }
@@ -183,9 +187,14 @@ async fn route(
         return Err(no_endpoint(&req));
     };
     let id = id.map(request::parse_id).transpose()?;
-    let ctx = Ctx { state, principal };
+    let ctx = Ctx {
+        state,
+        principal,
+        actor,
+    };
     let mut res = match resource {
         Some("api_key") => api_keys::handle(&ctx, req, id).await,
+        Some("audit") => audit::handle(&ctx, req, id).await,
         Some("ai_secret") => ai_secrets::handle(&ctx, req, id).await,
         Some("env_var") => env_vars::handle(&ctx, req, id).await,
         _ => Err(no_endpoint(&req)),
@@ -221,7 +230,7 @@ async fn authenticate(
     headers: &http::HeaderMap,
     peer: IpAddr,
     info: &mut crate::access::AccessInfo,
-) -> Result<(Principal, HeaderValue), AdminError> {
+) -> Result<(Principal, Actor, HeaderValue), AdminError> {
     let live = state.live();
     let presented = crate::proxy::authenticate::presented_key(headers);
     if let Some(l) = live.limits.ip_blocked(peer) {
@@ -250,15 +259,27 @@ async fn authenticate(
     };
     info.authenticated = true;
     info.key_uid = Some(principal.key_uid);
+    let track = live.config.keys.track_usage;
     if principal.role() != Role::Admin {
+        if track {
+            state.plane.usage.note(principal.key_uid, false);
+        }
         return Err(AdminError::Forbidden);
     }
-    let ratelimit = live
-        .limits
-        .check_admin(principal.key_uid)
+    let admitted = live.limits.check_admin(principal.key_uid);
+    if track {
+        state.plane.usage.note(principal.key_uid, admitted.is_err());
+    }
+    let ratelimit = admitted
         .map(|a| crate::error::admission_header(&a))
         .map_err(AdminError::RateLimited)?;
-    Ok((principal, ratelimit))
+    // The preview is what every key list shows: the audit trail names the key by it and its
+    // id, never by more of the key.
+    let preview = presented.map_or_else(String::new, |k| {
+        crate::crypto::key_preview(&crate::secret::Secret::new(k.to_owned()))
+    });
+    let actor = Actor::key_from(&principal, preview);
+    Ok((principal, actor, ratelimit))
 }
 
 /// The CORS preflight answer. Auth travels in a header, never a cookie, so allowing any origin

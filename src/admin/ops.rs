@@ -92,10 +92,11 @@ pub fn metrics(state: &AppState) -> Response<Body> {
 pub async fn reload(
     state: &AppState,
     req: &Request<Incoming>,
+    actor: crate::audit::Actor,
 ) -> Result<Response<Body>, AdminError> {
     let outcome = match *req.method() {
         Method::GET | Method::HEAD => None,
-        Method::POST => Some(state.reload().await),
+        Method::POST => Some(state.reload_by(actor).await),
         _ => return Err(AdminError::MethodNotAllowed("GET, HEAD, POST")),
     };
     let status = state

@@ -51,6 +51,9 @@ pub enum Command {
     /// Manage upstream secrets (ai_secrets).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Read and check the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run a command with the env vars of a scope (plus the org's) in its environment.
     Run {
         #[arg(long, value_enum)]
@@ -109,8 +112,30 @@ pub enum KeysCommand {
     },
     /// List keys (never the keys themselves).
     List,
-    /// Delete a key by id; a running server refuses it within a second.
-    Delete { id: String },
+    /// Delete a key by id; a running server refuses it within a second. A key used within
+    /// the last hour is deleted only after a yes on a terminal, or with --force.
+    Delete {
+        id: String,
+        /// Delete even when the key was used recently, without asking.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `keygate audit ...`.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole trail's MAC chain; names the first event that does not fit.
+    Verify,
+    /// Print the trail, newest first.
+    List {
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 /// A key's role.

@@ -44,6 +44,8 @@ pub struct DataPlane {
     pub passthrough: Arc<passthrough::PassthroughCache>,
     pub master: Arc<MasterKey>,
     pub metrics: Arc<Metrics>,
+    /// Key usage not yet flushed to the store.
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 /// Serves one proxied request from `peer` on the config snapshot `live` (a reload meanwhile
@@ -123,7 +125,14 @@ async fn pipeline(
     if let authenticate::Grant::Key(p) = &grant {
         info.key_uid = Some(p.key_uid);
     }
-    let admitted = limit::limit(live.quotas.as_ref(), route, &grant).await?;
+    let admitted = limit::limit(live.quotas.as_ref(), route, &grant).await;
+    if let (authenticate::Grant::Key(p), true) = (&grant, live.config.keys.track_usage) {
+        plane.usage.note(
+            p.key_uid,
+            matches!(admitted, Err(ProxyError::RateLimited(_))),
+        );
+    }
+    let admitted = admitted?;
     let added = inject::inject(&live.credentials, route, grant, &mut req)?;
     let sent = Instant::now();
     let forwarded = forward::forward(

@@ -7,12 +7,17 @@ use std::sync::Arc;
 
 use serde_json::Map;
 
-use super::{AiSecretPatch, AiSecretRecord, AiSecretWrite, Page, StoreError, WriteMode};
+use super::{
+    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarRecord, Page, StoreError,
+    WriteMode,
+};
+use crate::audit::{action, Actor, NewEvent};
 use crate::config::LimitSpec;
 use crate::crypto::MasterKey;
 use crate::secret::Secret;
 
-fn format_time(t: time::OffsetDateTime) -> String {
+/// A time in the stored and wire form: RFC 3339, milliseconds, `Z`.
+pub fn format_time(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -231,5 +236,37 @@ impl NewTenant {
             user_id: new_id().0,
             created,
         }
+    }
+}
+
+/// The audit event of a change to key `k`.
+pub fn key_event(by: &Actor, action: &'static str, k: &ApiKeyRecord) -> NewEvent {
+    NewEvent::change(by, &k.org_id, action, "api_key", &k.id, &k.name)
+}
+
+/// The audit event of a change to ai_secret `s`.
+pub fn secret_event(by: &Actor, action: &'static str, s: &AiSecretRecord) -> NewEvent {
+    NewEvent::change(by, &s.org_id, action, "ai_secret", &s.id, &s.name)
+}
+
+/// The audit event of a change to env var `e`.
+pub fn env_event(by: &Actor, action: &'static str, e: &EnvVarRecord) -> NewEvent {
+    NewEvent::change(by, &e.org_id, action, "env_var", &e.id, &e.name)
+}
+
+/// What deleting a key is: keygate itself deletes keys only to revoke them for cleartext.
+pub fn deleted_action(by: &Actor) -> &'static str {
+    match by {
+        Actor::Keygate => action::KEY_REVOKED,
+        _ => action::KEY_DELETED,
+    }
+}
+
+/// What a write of an existing ai_secret is: PUT replaces it, the CLI's `secrets put` sets
+/// its value.
+pub fn secret_write_action(mode: WriteMode) -> &'static str {
+    match mode {
+        WriteMode::Replace => action::SECRET_REPLACED,
+        WriteMode::SetValue | WriteMode::CreateOrGet => action::SECRET_CHANGED,
     }
 }

@@ -21,10 +21,11 @@ mod common;
 mod postgres;
 mod sqlite;
 
-pub use common::now_rfc3339;
+pub use common::{format_time, new_id, now_rfc3339};
 pub use postgres::{PgSettings, PgStore};
 pub use sqlite::SqliteStore;
 
+use crate::audit::{Actor, Event, NewEvent};
 use crate::config::LimitSpec;
 use crate::crypto::KeyDigest;
 use crate::secret::Secret;
@@ -113,6 +114,31 @@ pub struct ApiKeyRecord {
     pub routes: Option<Vec<String>>,
     /// The key's own quota; `None`: the default.
     pub limit: Option<LimitSpec>,
+    /// The latest request the key authenticated, as of the last usage flush.
+    pub last_used: Option<String>,
+    /// Requests the key authenticated, as of the last usage flush.
+    pub request_count: u64,
+    /// Of those, the ones refused with 429.
+    pub rate_limited_count: u64,
+}
+
+/// Usage of one key since the last flush: merged into the store (latest time wins, counts
+/// add), so that instances of a fleet each flush their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub last_used_ms: u64,
+    pub requests: u64,
+    pub rate_limited: u64,
+}
+
+/// A page of the audit trail (of one org, with the events of no org: config reloads).
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    pub org_id: String,
+    pub page: Page,
+    pub limit: u32,
 }
 
 /// Who a valid key belongs to: what the proxy needs to know on the hot path. Small and cheap
@@ -383,16 +409,21 @@ pub trait Store: KeyLookup {
     fn org_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError>;
 
     /// Inserts a key.
-    fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
-        let mut recs = self.create_api_keys(vec![new])?;
+    fn create_api_key(&self, new: NewApiKey, by: &Actor) -> Result<ApiKeyRecord, StoreError> {
+        let mut recs = self.create_api_keys(vec![new], by)?;
         recs.pop()
             .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
     }
     /// Inserts `new` only when the store holds no key at all, in one transaction: instances
     /// starting together on one empty store mint exactly one first key. `None`: there were keys.
+    /// Its audit event names keygate as the actor.
     fn create_first_key(&self, new: NewApiKey) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// Inserts keys, all in one transaction.
-    fn create_api_keys(&self, new: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Inserts keys, all in one transaction (with one audit event each).
+    fn create_api_keys(
+        &self,
+        new: Vec<NewApiKey>,
+        by: &Actor,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// A page of keys, newest first.
     fn list_api_keys(&self, q: &ListQuery) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// One key of an org.
@@ -403,17 +434,24 @@ pub trait Store: KeyLookup {
         org_id: &str,
         id: &str,
         limit: Option<LimitSpec>,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// Deletes a key (of `org_id` when given); `None` when there was none.
+    /// Deletes a key (of `org_id` when given); `None` when there was none. Deleted by keygate
+    /// itself, the key was revoked for being sent over cleartext, and the event says so.
     fn delete_api_key(
         &self,
         org_id: Option<&str>,
         id: &str,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// The number of keys.
     fn count_api_keys(&self) -> Result<u64, StoreError>;
-    /// Marks a key as seen in cleartext (keeps the first time it was).
+    /// Marks a key as seen in cleartext (keeps the first time it was; the audit event, by
+    /// keygate, is written the first time only).
     fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError>;
+    /// Merges flushed usage into the keys (latest time wins, counts add); keys deleted
+    /// meanwhile are skipped. Moves no revision: nothing the data plane uses changes.
+    fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
 
     /// A page of ai_secrets, newest first; `types` filters by type when not empty.
     fn list_ai_secrets(
@@ -429,6 +467,7 @@ pub trait Store: KeyLookup {
         org_id: &str,
         w: AiSecretWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<AiSecretRecord, StoreError>;
     /// Patches an ai_secret; `None` when there is none with that id.
     fn patch_ai_secret(
@@ -436,12 +475,14 @@ pub trait Store: KeyLookup {
         org_id: &str,
         id: &str,
         p: AiSecretPatch,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError>;
     /// Deletes an ai_secret by id or name.
     fn delete_ai_secret(
         &self,
         org_id: &str,
         r: SecretRef<'_>,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError>;
     /// An ai_secret with its decrypted value (`None` also when it has no value).
     fn ai_secret_value(
@@ -464,6 +505,7 @@ pub trait Store: KeyLookup {
         org_id: &str,
         w: EnvVarWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<EnvVarRecord, StoreError>;
     /// Renames an env var and sets its value when given; `None` when there is none.
     fn patch_env_var(
@@ -472,9 +514,15 @@ pub trait Store: KeyLookup {
         id: &str,
         name: &str,
         value: Option<Secret>,
+        by: &Actor,
     ) -> Result<Option<EnvVarRecord>, StoreError>;
     /// Deletes an env var.
-    fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError>;
+    fn delete_env_var(
+        &self,
+        org_id: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<Option<EnvVarRecord>, StoreError>;
     /// The env vars of the given scopes with their decrypted values (vars without a value are
     /// left out).
     fn env_var_values(
@@ -487,6 +535,17 @@ pub trait Store: KeyLookup {
 
     /// The change counters.
     fn revisions(&self) -> Result<Revisions, StoreError>;
+
+    /// Appends an event that records no store change (a config reload), in its own
+    /// transaction.
+    fn record_event(&self, ev: NewEvent) -> Result<(), StoreError>;
+    /// A page of the audit trail, newest first.
+    fn audit_events(&self, q: &AuditQuery) -> Result<Vec<Event>, StoreError>;
+    /// Up to `limit` events after number `after_seq`, oldest first (the whole trail, for
+    /// verification, whatever its org).
+    fn audit_trail(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
+    /// The trail's head record, if there is one.
+    fn audit_head(&self) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Pushed change notices: the value moves when any instance changed something the data
     /// plane uses (and when the push channel reconnects, since notices may have been missed).
@@ -518,18 +577,22 @@ pub fn issue_key(
     owner: (&str, &str),
     name: &str,
     opts: KeyOptions,
+    by: &Actor,
 ) -> Result<(Secret, ApiKeyRecord), StoreError> {
     let key = master.generate_key()?;
-    let rec = store.create_api_key(NewApiKey {
-        org_id: owner.0.to_owned(),
-        user_id: owner.1.to_owned(),
-        name: name.to_owned(),
-        role: opts.role,
-        digest: master.digest(key.expose()),
-        preview_name: crate::crypto::key_preview(&key),
-        routes: opts.routes,
-        limit: opts.limit,
-    })?;
+    let rec = store.create_api_key(
+        NewApiKey {
+            org_id: owner.0.to_owned(),
+            user_id: owner.1.to_owned(),
+            name: name.to_owned(),
+            role: opts.role,
+            digest: master.digest(key.expose()),
+            preview_name: crate::crypto::key_preview(&key),
+            routes: opts.routes,
+            limit: opts.limit,
+        },
+        by,
+    )?;
     Ok((key, rec))
 }
 
@@ -565,6 +628,7 @@ pub fn issue_keys(
     name: &str,
     opts: KeyOptions,
     count: usize,
+    by: &Actor,
 ) -> Result<Vec<(Secret, ApiKeyRecord)>, StoreError> {
     let mut keys = Vec::with_capacity(count);
     let mut new = Vec::with_capacity(count);
@@ -582,7 +646,7 @@ pub fn issue_keys(
         });
         keys.push(key);
     }
-    let recs = store.create_api_keys(new)?;
+    let recs = store.create_api_keys(new, by)?;
     Ok(keys.into_iter().zip(recs).collect())
 }
 

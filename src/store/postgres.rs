@@ -29,15 +29,18 @@ use tokio_postgres::{AsyncMessage, Client, GenericClient, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::common::{
-    cursor_of_deleted, fingerprint_missing, key_uid, limit_columns, limit_from, metadata_from,
-    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret, plan_secret_write,
-    routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
+    cursor_of_deleted, deleted_action, env_event, fingerprint_missing, key_event, key_uid,
+    limit_columns, limit_from, metadata_from, metadata_text, name_taken, new_id, now_rfc3339,
+    page_order, patched_secret, plan_secret_write, routes_from, routes_text, secret_event,
+    secret_write_action, NewTenant, Planned, Sealed, Sealer,
 };
 use super::{
-    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter, EnvVarRecord,
-    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile, Revisions,
-    Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
+    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, AuditQuery, EnvVarFilter,
+    EnvVarRecord, EnvVarWrite, KeyLookup, KeyUsage, ListQuery, NewApiKey, ObjectType, Page,
+    Principal, Profile, Revisions, Role, SecretRef, Store, StoreError, StoreInfo, Tenant,
+    WriteMode,
 };
+use crate::audit::{action, head_record, Actor, Event, NewEvent};
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
 use crate::secret::Secret;
@@ -45,11 +48,38 @@ use crate::secret::Secret;
 /// The advisory lock every instance takes to migrate and bootstrap ("keygate" and 1).
 const MIGRATION_LOCK: i64 = 0x6b65_7967_6174_6501;
 
+/// The advisory lock a transaction takes to append to the audit trail ("keygate" and 2): one
+/// appender at a time in the whole fleet, so that the chain has no forks.
+const AUDIT_LOCK: i64 = 0x6b65_7967_6174_6502;
+
 /// The channel the triggers notify.
 const CHANNEL: &str = "keygate_changes";
 
 /// The schema, as numbered migrations; `keygate_migrations` records those applied.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+
+/// Version 2: key usage (flushed in batches; the update trigger does not count it as a change)
+/// and the audit trail (see `crate::audit`).
+const SCHEMA_V2: &str = r#"
+ALTER TABLE api_keys ADD COLUMN last_used TEXT COLLATE "C";
+ALTER TABLE api_keys ADD COLUMN request_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN rate_limited_count BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE audit_events (
+  seq BIGINT PRIMARY KEY,
+  id TEXT COLLATE "C" NOT NULL UNIQUE,
+  created TEXT COLLATE "C" NOT NULL,
+  org_id TEXT,
+  actor_type TEXT NOT NULL,
+  actor_id TEXT NOT NULL,
+  actor_name TEXT NOT NULL,
+  action TEXT NOT NULL,
+  object_type TEXT NOT NULL,
+  object_id TEXT NOT NULL,
+  object_name TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  mac BYTEA NOT NULL
+);
+"#;
 
 /// Ids and times are compared as bytes (`COLLATE "C"`): their text order is their time order
 /// whatever the database's locale.
@@ -578,7 +608,8 @@ async fn listen_once(
 // Rows.
 
 const KEY_COLUMNS: &str =
-    "id, created, name, preview_name, user_id, org_id, role, exposed, routes, rate_per_second, burst";
+    "id, created, name, preview_name, user_id, org_id, role, exposed, routes, \
+     rate_per_second, burst, last_used, request_count, rate_limited_count";
 
 fn key_from_row(r: &Row) -> Result<ApiKeyRecord, StoreError> {
     let role: String = r.try_get(6)?;
@@ -593,7 +624,99 @@ fn key_from_row(r: &Row) -> Result<ApiKeyRecord, StoreError> {
         exposed: r.try_get(7)?,
         routes: routes_from(r.try_get(8)?),
         limit: limit_from(r.try_get(9)?, r.try_get(10)?),
+        last_used: r.try_get(11)?,
+        request_count: r.try_get::<_, i64>(12)?.max(0) as u64,
+        rate_limited_count: r.try_get::<_, i64>(13)?.max(0) as u64,
     })
+}
+
+const EVENT_COLUMNS: &str = "seq, id, created, org_id, actor_type, actor_id, actor_name, action, \
+     object_type, object_id, object_name, outcome, mac";
+
+fn event_from_row(r: &Row) -> Result<Event, StoreError> {
+    let kind: String = r.try_get(4)?;
+    Ok(Event {
+        seq: r.try_get(0)?,
+        id: r.try_get(1)?,
+        created: r.try_get(2)?,
+        org_id: r.try_get(3)?,
+        actor: Actor::from_parts(&kind, r.try_get(5)?, r.try_get(6)?),
+        action: r.try_get(7)?,
+        object_type: r.try_get(8)?,
+        object_id: r.try_get(9)?,
+        object_name: r.try_get(10)?,
+        outcome: r.try_get(11)?,
+        mac: r.try_get(12)?,
+    })
+}
+
+/// Appends `events` to the audit trail inside `tx`, the transaction of the change they
+/// record, under the fleet-wide audit lock: chained to the last event, inserted with one
+/// statement per 5,000, then the head record moved to the last.
+async fn append_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    master: &MasterKey,
+    events: impl IntoIterator<Item = NewEvent>,
+) -> Result<(), StoreError> {
+    let mut events = events.into_iter().peekable();
+    if events.peek().is_none() {
+        return Ok(());
+    }
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+        .await?;
+    let mut prev: Option<(i64, Vec<u8>)> = tx
+        .query_opt(
+            "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| Ok::<_, StoreError>((r.try_get(0)?, r.try_get(1)?)))
+        .transpose()?;
+    let mut sealed = Vec::new();
+    for new in events {
+        let ev = Event::seal(master, prev.as_ref().map(|(s, m)| (*s, m.as_slice())), new);
+        prev = Some((ev.seq, ev.mac.clone()));
+        sealed.push(ev);
+    }
+    for chunk in sealed.chunks(5000) {
+        let col = |f: fn(&Event) -> String| chunk.iter().map(f).collect::<Vec<String>>();
+        let seqs: Vec<i64> = chunk.iter().map(|e| e.seq).collect();
+        let orgs: Vec<Option<String>> = chunk.iter().map(|e| e.org_id.clone()).collect();
+        let macs: Vec<Vec<u8>> = chunk.iter().map(|e| e.mac.clone()).collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO audit_events ({EVENT_COLUMNS})
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
+                                      $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[],
+                                      $11::TEXT[], $12::TEXT[], $13::BYTEA[])"
+            ),
+            &[
+                &seqs,
+                &col(|e| e.id.clone()),
+                &col(|e| e.created.clone()),
+                &orgs,
+                &col(|e| e.actor.parts().0.to_owned()),
+                &col(|e| e.actor.parts().1.to_owned()),
+                &col(|e| e.actor.parts().2.to_owned()),
+                &col(|e| e.action.clone()),
+                &col(|e| e.object_type.clone()),
+                &col(|e| e.object_id.clone()),
+                &col(|e| e.object_name.clone()),
+                &col(|e| e.outcome.clone()),
+                &macs,
+            ],
+        )
+        .await?;
+    }
+    if let Some(last) = sealed.last() {
+        tx.execute(
+            "INSERT INTO meta (k, v) VALUES ('audit_head', $1)
+             ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            &[&head_record(master, last)],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 const SECRET_COLUMNS: &str =
@@ -897,6 +1020,7 @@ impl Store for PgStore {
     }
 
     fn create_first_key(&self, new: NewApiKey) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let master = self.sealer.0.clone();
         in_tx!(self, |tx| {
             // Instances starting together on an empty database queue here: the first mints
             // the key, the others find it.
@@ -909,11 +1033,19 @@ impl Store for PgStore {
             if n > 0 {
                 return Ok(None);
             }
-            insert_key(tx, new).await.map(Some)
+            let rec = insert_key(tx, new).await?;
+            let ev = key_event(&Actor::Keygate, action::KEY_CREATED, &rec);
+            append_events(tx, &master, [ev]).await?;
+            Ok(Some(rec))
         })
     }
 
-    fn create_api_keys(&self, keys: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    fn create_api_keys(
+        &self,
+        keys: Vec<NewApiKey>,
+        by: &Actor,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let master = self.sealer.0.clone();
         // Thousands of keys (`keys create --count`) in a few statements, not two round trips
         // each: one INSERT ... SELECT FROM UNNEST per chunk, all in one transaction.
         in_tx!(self, |tx| {
@@ -923,6 +1055,8 @@ impl Store for PgStore {
                 let chunk: Vec<NewApiKey> = keys.by_ref().take(5000).collect();
                 out.extend(insert_keys(tx, chunk).await?);
             }
+            let events = out.iter().map(|k| key_event(by, action::KEY_CREATED, k));
+            append_events(tx, &master, events).await?;
             Ok(out)
         })
     }
@@ -952,8 +1086,10 @@ impl Store for PgStore {
         org_id: &str,
         id: &str,
         limit: Option<LimitSpec>,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let (per_second, burst) = limit_columns(limit);
+        let master = self.sealer.0.clone();
         in_tx!(self, |tx| {
             let n = tx
                 .execute(
@@ -964,13 +1100,17 @@ impl Store for PgStore {
             if n == 0 {
                 return Ok(None);
             }
-            one(
+            let rec = one(
                 tx,
                 &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
                 &[&id],
                 key_from_row,
             )
-            .await
+            .await?;
+            if let Some(k) = &rec {
+                append_events(tx, &master, [key_event(by, action::KEY_CHANGED, k)]).await?;
+            }
+            Ok(rec)
         })
     }
 
@@ -978,7 +1118,9 @@ impl Store for PgStore {
         &self,
         org_id: Option<&str>,
         id: &str,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let master = self.sealer.0.clone();
         in_tx!(self, |tx| {
             let rec = one(
                 tx,
@@ -989,9 +1131,10 @@ impl Store for PgStore {
                 key_from_row,
             )
             .await?;
-            if rec.is_some() {
+            if let Some(k) = &rec {
                 tx.execute("DELETE FROM api_keys WHERE id = $1", &[&id])
                     .await?;
+                append_events(tx, &master, [key_event(by, deleted_action(by), k)]).await?;
             }
             Ok(rec)
         })
@@ -1009,11 +1152,59 @@ impl Store for PgStore {
     }
 
     fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError> {
+        let master = self.sealer.0.clone();
+        in_tx!(self, |tx| {
+            let n = tx
+                .execute(
+                    "UPDATE api_keys SET exposed = $2 WHERE id = $1 AND exposed IS NULL",
+                    &[&key_id, &now_rfc3339()],
+                )
+                .await?;
+            if n > 0 {
+                let rec = one(
+                    tx,
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
+                    &[&key_id],
+                    key_from_row,
+                )
+                .await?;
+                if let Some(k) = &rec {
+                    let ev = key_event(&Actor::Keygate, action::KEY_EXPOSED, k);
+                    append_events(tx, &master, [ev]).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = usage.iter().map(|u| u.key_id.clone()).collect();
+        let times: Vec<String> = usage
+            .iter()
+            .map(|u| crate::usage::format_ms(u.last_used_ms))
+            .collect();
+        let requests: Vec<i64> = usage
+            .iter()
+            .map(|u| i64::try_from(u.requests).unwrap_or(i64::MAX))
+            .collect();
+        let limited: Vec<i64> = usage
+            .iter()
+            .map(|u| i64::try_from(u.rate_limited).unwrap_or(i64::MAX))
+            .collect();
+        // One statement for the whole flush; GREATEST ignores NULL, so a first use sets it.
         self.run(async {
             let c = self.pool.get().await?;
             c.execute(
-                "UPDATE api_keys SET exposed = $2 WHERE id = $1 AND exposed IS NULL",
-                &[&key_id, &now_rfc3339()],
+                "UPDATE api_keys AS k SET
+                   last_used = GREATEST(k.last_used, u.t COLLATE \"C\"),
+                   request_count = k.request_count + u.n,
+                   rate_limited_count = k.rate_limited_count + u.l
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS u(id, t, n, l)
+                 WHERE k.id = u.id",
+                &[&ids, &times, &requests, &limited],
             )
             .await?;
             Ok(())
@@ -1061,13 +1252,14 @@ impl Store for PgStore {
         org_id: &str,
         w: AiSecretWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<AiSecretRecord, StoreError> {
         let sealer = self.sealer.clone();
         in_tx!(self, |tx| {
             let by_name =
                 format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = $1 AND name = $2 FOR UPDATE");
             let existing = one(tx, &by_name, &[&org_id, &w.name], secret_from_row).await?;
-            match plan_secret_write(existing, &w, mode) {
+            let done = match plan_secret_write(existing, &w, mode) {
                 Planned::Existing(rec) => return Ok(rec),
                 Planned::Update {
                     id,
@@ -1087,6 +1279,7 @@ impl Store for PgStore {
                         )
                         .await?;
                     }
+                    secret_write_action(mode)
                 }
                 Planned::Insert => {
                     let (id, created) = new_id();
@@ -1110,13 +1303,16 @@ impl Store for PgStore {
                         ],
                     )
                     .await?;
+                    action::SECRET_CREATED
                 }
-            }
-            one(tx, &by_name, &[&org_id, &w.name], secret_from_row)
+            };
+            let rec = one(tx, &by_name, &[&org_id, &w.name], secret_from_row)
                 .await?
                 .ok_or_else(|| {
                     StoreError::Corrupt("ai_secret vanished inside its transaction".into())
-                })
+                })?;
+            append_events(tx, &sealer.0, [secret_event(by, done, &rec)]).await?;
+            Ok(rec)
         })
     }
 
@@ -1125,6 +1321,7 @@ impl Store for PgStore {
         org_id: &str,
         id: &str,
         p: AiSecretPatch,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError> {
         let sealer = self.sealer.clone();
         in_tx!(self, |tx| {
@@ -1159,7 +1356,12 @@ impl Store for PgStore {
                 )
                 .await?;
             }
-            one(tx, &by_id, &[&org_id, &id], secret_from_row).await
+            let out = one(tx, &by_id, &[&org_id, &id], secret_from_row).await?;
+            if let Some(rec) = &out {
+                let ev = secret_event(by, action::SECRET_CHANGED, rec);
+                append_events(tx, &sealer.0, [ev]).await?;
+            }
+            Ok(out)
         })
     }
 
@@ -1167,7 +1369,9 @@ impl Store for PgStore {
         &self,
         org_id: &str,
         r: SecretRef<'_>,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError> {
+        let master = self.sealer.0.clone();
         let (col, val) = match r {
             SecretRef::Id(id) => ("id", id),
             SecretRef::Name(name) => ("name", name),
@@ -1185,6 +1389,7 @@ impl Store for PgStore {
             if let Some(r) = &rec {
                 tx.execute("DELETE FROM ai_secrets WHERE id = $1", &[&r.id])
                     .await?;
+                append_events(tx, &master, [secret_event(by, action::SECRET_DELETED, r)]).await?;
             }
             Ok(rec)
         })
@@ -1250,6 +1455,7 @@ impl Store for PgStore {
         org_id: &str,
         w: EnvVarWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<EnvVarRecord, StoreError> {
         let sealer = self.sealer.clone();
         in_tx!(self, |tx| {
@@ -1258,7 +1464,7 @@ impl Store for PgStore {
             );
             let ot = w.object_type.as_str();
             let key: [&(dyn ToSql + Sync); 4] = [&org_id, &ot, &w.object_id, &w.name];
-            match (one(tx, &by_name, &key, env_from_row).await?, mode) {
+            let done = match (one(tx, &by_name, &key, env_from_row).await?, mode) {
                 (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
                 (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
                     if let Some(v) = &w.value {
@@ -1269,6 +1475,7 @@ impl Store for PgStore {
                         )
                         .await?;
                     }
+                    action::ENV_VAR_REPLACED
                 }
                 (None, _) => {
                     let (id, created) = new_id();
@@ -1283,11 +1490,16 @@ impl Store for PgStore {
                         &[&id, &created, &org_id, &ot, &w.object_id, &w.name, &sealed],
                     )
                     .await?;
+                    action::ENV_VAR_CREATED
                 }
-            }
-            one(tx, &by_name, &key, env_from_row).await?.ok_or_else(|| {
-                StoreError::Corrupt("env_var vanished inside its transaction".into())
-            })
+            };
+            let rec = one(tx, &by_name, &key, env_from_row)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Corrupt("env_var vanished inside its transaction".into())
+                })?;
+            append_events(tx, &sealer.0, [env_event(by, done, &rec)]).await?;
+            Ok(rec)
         })
     }
 
@@ -1297,6 +1509,7 @@ impl Store for PgStore {
         id: &str,
         name: &str,
         value: Option<Secret>,
+        by: &Actor,
     ) -> Result<Option<EnvVarRecord>, StoreError> {
         let sealer = self.sealer.clone();
         in_tx!(self, |tx| {
@@ -1327,11 +1540,22 @@ impl Store for PgStore {
                 )
                 .await?;
             }
-            one(tx, &by_id, &[&org_id, &id], env_from_row).await
+            let out = one(tx, &by_id, &[&org_id, &id], env_from_row).await?;
+            if let Some(rec) = &out {
+                let ev = env_event(by, action::ENV_VAR_CHANGED, rec);
+                append_events(tx, &sealer.0, [ev]).await?;
+            }
+            Ok(out)
         })
     }
 
-    fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError> {
+    fn delete_env_var(
+        &self,
+        org_id: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<Option<EnvVarRecord>, StoreError> {
+        let master = self.sealer.0.clone();
         in_tx!(self, |tx| {
             let rec = one(
                 tx,
@@ -1342,9 +1566,10 @@ impl Store for PgStore {
                 env_from_row,
             )
             .await?;
-            if rec.is_some() {
+            if let Some(r) = &rec {
                 tx.execute("DELETE FROM env_vars WHERE id = $1", &[&id])
                     .await?;
+                append_events(tx, &master, [env_event(by, action::ENV_VAR_DELETED, r)]).await?;
             }
             Ok(rec)
         })
@@ -1413,6 +1638,72 @@ impl Store for PgStore {
 
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.changes.clone())
+    }
+
+    fn record_event(&self, ev: NewEvent) -> Result<(), StoreError> {
+        let master = self.sealer.0.clone();
+        in_tx!(self, |tx| { append_events(tx, &master, [ev]).await })
+    }
+
+    fn audit_events(&self, q: &AuditQuery) -> Result<Vec<Event>, StoreError> {
+        let (cmp, order, reverse) = page_order(&q.page);
+        self.run(async {
+            let c = self.pool.get().await?;
+            let cursor: Option<i64> = match &q.page {
+                Page::First => None,
+                Page::After(id) | Page::Before(id) => Some(
+                    c.query_opt("SELECT seq FROM audit_events WHERE id = $1", &[id])
+                        .await?
+                        .ok_or_else(|| StoreError::UnknownCursor(id.clone()))?
+                        .try_get(0)?,
+                ),
+            };
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM audit_events
+                         WHERE (org_id = $1 OR org_id IS NULL) AND ($2::BIGINT IS NULL OR seq {} $2)
+                         ORDER BY seq {order} LIMIT $3",
+                        cmp.unwrap_or("<")
+                    ),
+                    &[&q.org_id, &cursor, &i64::from(q.limit)],
+                )
+                .await?;
+            let mut out = rows
+                .iter()
+                .map(event_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            if reverse {
+                out.reverse();
+            }
+            Ok(out)
+        })
+    }
+
+    fn audit_trail(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+                    ),
+                    &[&after_seq, &i64::from(limit)],
+                )
+                .await?;
+            rows.iter().map(event_from_row).collect()
+        })
+    }
+
+    fn audit_head(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            c.query_opt("SELECT v FROM meta WHERE k = 'audit_head'", &[])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(Into::into)
+        })
     }
 
     fn describe(&self) -> StoreInfo {

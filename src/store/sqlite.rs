@@ -14,15 +14,18 @@ use rusqlite::{
 };
 
 use super::common::{
-    cursor_of_deleted, fingerprint_missing, key_uid, limit_columns, limit_from, metadata_from,
-    metadata_text, name_taken, new_id, now_rfc3339, page_order, patched_secret, plan_secret_write,
-    routes_from, routes_text, NewTenant, Planned, Sealed, Sealer,
+    cursor_of_deleted, deleted_action, env_event, fingerprint_missing, key_event, key_uid,
+    limit_columns, limit_from, metadata_from, metadata_text, name_taken, new_id, now_rfc3339,
+    page_order, patched_secret, plan_secret_write, routes_from, routes_text, secret_event,
+    secret_write_action, NewTenant, Planned, Sealed, Sealer,
 };
 use super::{
-    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, EnvVarFilter, EnvVarRecord,
-    EnvVarWrite, KeyLookup, ListQuery, NewApiKey, ObjectType, Page, Principal, Profile, Revisions,
-    Role, SecretRef, Store, StoreError, StoreInfo, Tenant, WriteMode,
+    AiSecretPatch, AiSecretRecord, AiSecretWrite, ApiKeyRecord, AuditQuery, EnvVarFilter,
+    EnvVarRecord, EnvVarWrite, KeyLookup, KeyUsage, ListQuery, NewApiKey, ObjectType, Page,
+    Principal, Profile, Revisions, Role, SecretRef, Store, StoreError, StoreInfo, Tenant,
+    WriteMode,
 };
+use crate::audit::{action, head_record, Actor, Event, NewEvent};
 use crate::config::LimitSpec;
 use crate::crypto::{KeyDigest, MasterKey};
 use crate::secret::Secret;
@@ -41,7 +44,30 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The schema, as numbered migrations applied in order (`PRAGMA user_version` records the
 /// last one applied). Version 1 is the schema as first released.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+
+/// Version 3: key usage (flushed in batches, never by the hot path; no trigger counts it as a
+/// change) and the audit trail (see `crate::audit`).
+const SCHEMA_V3: &str = r#"
+ALTER TABLE api_keys ADD COLUMN last_used TEXT;
+ALTER TABLE api_keys ADD COLUMN request_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN rate_limited_count INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE audit_events (
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  created TEXT NOT NULL,
+  org_id TEXT,
+  actor_type TEXT NOT NULL,
+  actor_id TEXT NOT NULL,
+  actor_name TEXT NOT NULL,
+  action TEXT NOT NULL,
+  object_type TEXT NOT NULL,
+  object_id TEXT NOT NULL,
+  object_name TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  mac BLOB NOT NULL
+);
+"#;
 
 /// Version 2: stamping `exposed` on a key or `used` on an env var no longer counts as a change
 /// (it changes nothing the data plane uses), so it does not flush every key cache.
@@ -299,7 +325,8 @@ fn tenant_in(conn: &Connection) -> Result<Tenant, StoreError> {
 // Rows.
 
 const KEY_COLUMNS: &str =
-    "id, created, name, preview_name, user_id, org_id, role, exposed, routes, rate_per_second, burst";
+    "id, created, name, preview_name, user_id, org_id, role, exposed, routes, \
+     rate_per_second, burst, last_used, request_count, rate_limited_count";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let role: String = r.get(6)?;
@@ -315,7 +342,77 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
         exposed: r.get(7)?,
         routes: routes_from(r.get(8)?),
         limit: limit_from(r.get(9)?, r.get(10)?),
+        last_used: r.get(11)?,
+        request_count: r.get::<_, i64>(12)?.max(0) as u64,
+        rate_limited_count: r.get::<_, i64>(13)?.max(0) as u64,
     })
+}
+
+const EVENT_COLUMNS: &str = "seq, id, created, org_id, actor_type, actor_id, actor_name, action, \
+     object_type, object_id, object_name, outcome, mac";
+
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    let kind: String = r.get(4)?;
+    Ok(Event {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        created: r.get(2)?,
+        org_id: r.get(3)?,
+        actor: Actor::from_parts(&kind, r.get(5)?, r.get(6)?),
+        action: r.get(7)?,
+        object_type: r.get(8)?,
+        object_id: r.get(9)?,
+        object_name: r.get(10)?,
+        outcome: r.get(11)?,
+        mac: r.get(12)?,
+    })
+}
+
+/// Appends `events` to the audit trail inside `tx`, the transaction of the change they
+/// record: each chained to the one before, then the head record moved to the last.
+fn append_events(
+    tx: &Transaction<'_>,
+    master: &MasterKey,
+    events: impl IntoIterator<Item = NewEvent>,
+) -> Result<(), StoreError> {
+    let mut prev: Option<(i64, Vec<u8>)> = tx
+        .prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let mut last = None;
+    for new in events {
+        let ev = Event::seal(master, prev.as_ref().map(|(s, m)| (*s, m.as_slice())), new);
+        let (kind, actor_id, actor_name) = ev.actor.parts();
+        tx.prepare_cached(&format!(
+            "INSERT INTO audit_events ({EVENT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        ))?
+        .execute(params![
+            ev.seq,
+            ev.id,
+            ev.created,
+            ev.org_id,
+            kind,
+            actor_id,
+            actor_name,
+            ev.action,
+            ev.object_type,
+            ev.object_id,
+            ev.object_name,
+            ev.outcome,
+            ev.mac
+        ])?;
+        prev = Some((ev.seq, ev.mac.clone()));
+        last = Some(ev);
+    }
+    if let Some(ev) = last {
+        tx.prepare_cached(
+            "INSERT INTO meta (k, v) VALUES ('audit_head', ?1)
+             ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        )?
+        .execute([head_record(master, &ev)])?;
+    }
+    Ok(())
 }
 
 const SECRET_COLUMNS: &str =
@@ -518,13 +615,22 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
-    fn create_api_keys(&self, keys: Vec<NewApiKey>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    fn create_api_keys(
+        &self,
+        keys: Vec<NewApiKey>,
+        by: &Actor,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
         let out = keys
             .into_iter()
             .map(|new| insert_key(&tx, new))
             .collect::<Result<Vec<_>, _>>()?;
+        append_events(
+            &tx,
+            &self.sealer.0,
+            out.iter().map(|k| key_event(by, action::KEY_CREATED, k)),
+        )?;
         tx.commit()?;
         Ok(out)
     }
@@ -539,6 +645,11 @@ impl Store for SqliteStore {
             return Ok(None);
         }
         let rec = insert_key(&tx, new)?;
+        append_events(
+            &tx,
+            &self.sealer.0,
+            [key_event(&Actor::Keygate, action::KEY_CREATED, &rec)],
+        )?;
         tx.commit()?;
         Ok(Some(rec))
     }
@@ -568,6 +679,7 @@ impl Store for SqliteStore {
         org_id: &str,
         id: &str,
         limit: Option<LimitSpec>,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -586,6 +698,9 @@ impl Store for SqliteStore {
                 key_from_row,
             )?
         };
+        if let Some(k) = &rec {
+            append_events(&tx, &self.sealer.0, [key_event(by, action::KEY_CHANGED, k)])?;
+        }
         tx.commit()?;
         Ok(rec)
     }
@@ -594,6 +709,7 @@ impl Store for SqliteStore {
         &self,
         org_id: Option<&str>,
         id: &str,
+        by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -605,8 +721,9 @@ impl Store for SqliteStore {
             params![id, org_id],
             key_from_row,
         )?;
-        if rec.is_some() {
+        if let Some(k) = &rec {
             tx.execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+            append_events(&tx, &self.sealer.0, [key_event(by, deleted_action(by), k)])?;
         }
         tx.commit()?;
         Ok(rec)
@@ -620,10 +737,49 @@ impl Store for SqliteStore {
     }
 
     fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        let n = tx.execute(
             "UPDATE api_keys SET exposed = ?2 WHERE id = ?1 AND exposed IS NULL",
             params![key_id, now_rfc3339()],
         )?;
+        if n > 0 {
+            if let Some(k) = one(
+                &tx,
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                [key_id],
+                key_from_row,
+            )? {
+                append_events(
+                    &tx,
+                    &self.sealer.0,
+                    [key_event(&Actor::Keygate, action::KEY_EXPOSED, &k)],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        for u in usage {
+            tx.prepare_cached(
+                "UPDATE api_keys SET
+                   last_used = CASE WHEN last_used IS NULL OR last_used < ?2 THEN ?2 ELSE last_used END,
+                   request_count = request_count + ?3,
+                   rate_limited_count = rate_limited_count + ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                u.key_id,
+                crate::usage::format_ms(u.last_used_ms),
+                i64::try_from(u.requests).unwrap_or(i64::MAX),
+                i64::try_from(u.rate_limited).unwrap_or(i64::MAX)
+            ])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -663,13 +819,14 @@ impl Store for SqliteStore {
         org_id: &str,
         w: AiSecretWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<AiSecretRecord, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
         let by_name =
             format!("SELECT {SECRET_COLUMNS} FROM ai_secrets WHERE org_id = ?1 AND name = ?2");
         let existing = one(&tx, &by_name, [org_id, w.name.as_str()], secret_from_row)?;
-        match plan_secret_write(existing, &w, mode) {
+        let done = match plan_secret_write(existing, &w, mode) {
             Planned::Existing(rec) => return Ok(rec),
             Planned::Update {
                 id,
@@ -687,6 +844,7 @@ impl Store for SqliteStore {
                         params![id, sealed, secret.preview("")],
                     )?;
                 }
+                secret_write_action(mode)
             }
             Planned::Insert => {
                 let (id, created) = new_id();
@@ -709,12 +867,14 @@ impl Store for SqliteStore {
                         w.secret.as_ref().map(|s| s.preview(""))
                     ],
                 )?;
+                action::SECRET_CREATED
             }
-        }
+        };
         let rec =
             one(&tx, &by_name, [org_id, w.name.as_str()], secret_from_row)?.ok_or_else(|| {
                 StoreError::Corrupt("ai_secret vanished inside its transaction".into())
             })?;
+        append_events(&tx, &self.sealer.0, [secret_event(by, done, &rec)])?;
         tx.commit()?;
         Ok(rec)
     }
@@ -724,6 +884,7 @@ impl Store for SqliteStore {
         org_id: &str,
         id: &str,
         p: AiSecretPatch,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -757,6 +918,13 @@ impl Store for SqliteStore {
             )?;
         }
         let out = one(&tx, &by_id, [org_id, id], secret_from_row)?;
+        if let Some(rec) = &out {
+            append_events(
+                &tx,
+                &self.sealer.0,
+                [secret_event(by, action::SECRET_CHANGED, rec)],
+            )?;
+        }
         tx.commit()?;
         Ok(out)
     }
@@ -765,6 +933,7 @@ impl Store for SqliteStore {
         &self,
         org_id: &str,
         r: SecretRef<'_>,
+        by: &Actor,
     ) -> Result<Option<AiSecretRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -780,6 +949,11 @@ impl Store for SqliteStore {
         )?;
         if let Some(r) = &rec {
             tx.execute("DELETE FROM ai_secrets WHERE id = ?1", [&r.id])?;
+            append_events(
+                &tx,
+                &self.sealer.0,
+                [secret_event(by, action::SECRET_DELETED, r)],
+            )?;
         }
         tx.commit()?;
         Ok(rec)
@@ -846,6 +1020,7 @@ impl Store for SqliteStore {
         org_id: &str,
         w: EnvVarWrite,
         mode: WriteMode,
+        by: &Actor,
     ) -> Result<EnvVarRecord, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -858,7 +1033,7 @@ impl Store for SqliteStore {
             w.object_id.as_str(),
             w.name.as_str(),
         ];
-        match (one(&tx, &by_name, key, env_from_row)?, mode) {
+        let done = match (one(&tx, &by_name, key, env_from_row)?, mode) {
             (Some(rec), WriteMode::CreateOrGet) => return Ok(rec),
             (Some(rec), WriteMode::Replace | WriteMode::SetValue) => {
                 if let Some(v) = &w.value {
@@ -868,6 +1043,7 @@ impl Store for SqliteStore {
                         params![rec.id, sealed],
                     )?;
                 }
+                action::ENV_VAR_REPLACED
             }
             (None, _) => {
                 let (id, created) = new_id();
@@ -881,10 +1057,12 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![id, created, org_id, w.object_type.as_str(), w.object_id, w.name, sealed],
                 )?;
+                action::ENV_VAR_CREATED
             }
-        }
+        };
         let rec = one(&tx, &by_name, key, env_from_row)?
             .ok_or_else(|| StoreError::Corrupt("env_var vanished inside its transaction".into()))?;
+        append_events(&tx, &self.sealer.0, [env_event(by, done, &rec)])?;
         tx.commit()?;
         Ok(rec)
     }
@@ -895,6 +1073,7 @@ impl Store for SqliteStore {
         id: &str,
         name: &str,
         value: Option<Secret>,
+        by: &Actor,
     ) -> Result<Option<EnvVarRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
@@ -926,11 +1105,23 @@ impl Store for SqliteStore {
             )?;
         }
         let out = one(&tx, &by_id, [org_id, id], env_from_row)?;
+        if let Some(rec) = &out {
+            append_events(
+                &tx,
+                &self.sealer.0,
+                [env_event(by, action::ENV_VAR_CHANGED, rec)],
+            )?;
+        }
         tx.commit()?;
         Ok(out)
     }
 
-    fn delete_env_var(&self, org_id: &str, id: &str) -> Result<Option<EnvVarRecord>, StoreError> {
+    fn delete_env_var(
+        &self,
+        org_id: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<Option<EnvVarRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
         let rec = one(
@@ -939,8 +1130,13 @@ impl Store for SqliteStore {
             [org_id, id],
             env_from_row,
         )?;
-        if rec.is_some() {
+        if let Some(r) = &rec {
             tx.execute("DELETE FROM env_vars WHERE id = ?1", [id])?;
+            append_events(
+                &tx,
+                &self.sealer.0,
+                [env_event(by, action::ENV_VAR_DELETED, r)],
+            )?;
         }
         tx.commit()?;
         Ok(rec)
@@ -994,6 +1190,62 @@ impl Store for SqliteStore {
         })
     }
 
+    fn record_event(&self, ev: NewEvent) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = immediate(&mut conn)?;
+        append_events(&tx, &self.sealer.0, [ev])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn audit_events(&self, q: &AuditQuery) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let (cmp, order, reverse) = page_order(&q.page);
+        let cursor = match &q.page {
+            Page::First => None,
+            Page::After(id) | Page::Before(id) => Some(
+                conn.query_row("SELECT seq FROM audit_events WHERE id = ?1", [id], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+                .ok_or_else(|| StoreError::UnknownCursor(id.clone()))?,
+            ),
+        };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events
+             WHERE (org_id = ?1 OR org_id IS NULL) AND (?2 IS NULL OR seq {} ?2)
+             ORDER BY seq {order} LIMIT ?3",
+            cmp.unwrap_or("<")
+        ))?;
+        let mut rows = stmt
+            .query_map(params![q.org_id, cursor, q.limit], event_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        if reverse {
+            rows.reverse();
+        }
+        Ok(rows)
+    }
+
+    fn audit_trail(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt
+            .query_map(params![after_seq, limit], event_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn audit_head(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT v FROM meta WHERE k = 'audit_head'", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
     fn describe(&self) -> StoreInfo {
         StoreInfo {
             backend: "sqlite",
@@ -1024,6 +1276,7 @@ mod tests {
                 secret: Some(Secret::new(value.into())),
             },
             WriteMode::SetValue,
+            &crate::audit::Actor::Keygate,
         )
         .unwrap()
     }
@@ -1057,7 +1310,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_store_migrates_and_stamps_stop_counting_as_changes() {
+    fn a_version_1_store_migrates_and_stamps_and_usage_stop_counting_as_changes() {
         let dir = tempfile::tempdir().unwrap();
         {
             // A store as the first release made it.
@@ -1072,23 +1325,36 @@ mod tests {
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         let t = s.tenant().unwrap();
         let rec = s
-            .create_api_key(NewApiKey {
-                org_id: t.org_id,
-                user_id: t.user_id,
-                name: "k".into(),
-                role: Role::Proxy,
-                digest: [3; 32],
-                preview_name: "sk-****".into(),
-                routes: None,
-                limit: None,
-            })
+            .create_api_key(
+                NewApiKey {
+                    org_id: t.org_id,
+                    user_id: t.user_id,
+                    name: "k".into(),
+                    role: Role::Proxy,
+                    digest: [3; 32],
+                    preview_name: "sk-****".into(),
+                    routes: None,
+                    limit: None,
+                },
+                &crate::audit::Actor::Keygate,
+            )
             .unwrap();
         let before = s.revisions().unwrap().keys;
         s.flag_exposed(&rec.id).unwrap();
+        s.record_usage(&[crate::store::KeyUsage {
+            key_id: rec.id.clone(),
+            last_used_ms: 1,
+            requests: 1,
+            rate_limited: 0,
+        }])
+        .unwrap();
         assert_eq!(s.revisions().unwrap().keys, before);
+        let events = s.audit_trail(0, 10).unwrap();
+        let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["key.created", "key.flagged_exposed"]);
         drop(s);
         // A store newer than this binary is refused.
         Connection::open(dir.path().join("k.db"))

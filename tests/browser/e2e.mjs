@@ -6,7 +6,8 @@
 //                                database under KG_BROWSER_HOME; Node gets it as `ca`)
 //   KG_ADMIN_KEY, KG_PROXY_KEY   an admin key and a proxy key (never printed)
 //   KG_BROWSER_HOME              HOME for Chromium (holds .pki/nssdb)
-//   KG_SCREENSHOT                where to write the screenshot
+//   KG_SCREENSHOT                where to write the screenshot (the keys tab, for the README);
+//                                the other tabs go next to it (-secrets, -env, -delete, -activity)
 //   KG_CHROMIUM                  the browser (default /usr/bin/chromium)
 // It prints one "ok - ..." line per check and never a key or secret; it exits 1 on the first
 // failed check. TLS is verified everywhere: nothing here skips certificate checks.
@@ -25,6 +26,10 @@ for (const v of ["KG_ADMIN_URL", "KG_PROXY_URL", "KG_CA_FILE", "KG_ADMIN_KEY", "
 const ADMIN = env.KG_ADMIN_URL;
 const CA = fs.readFileSync(env.KG_CA_FILE);
 const TIMEOUT = 10_000;
+// An RFC 3339 time as keygate writes them: UTC, milliseconds, "Z".
+const RFC3339 = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+// A relative time of the last minute, as the page writes it.
+const RECENT = /^(just now|\d+ seconds? ago)$/;
 
 let checks = 0;
 function check(cond, what) {
@@ -61,6 +66,33 @@ async function clearMessage(page) {
 
 function row(page, table, name) {
   return page.locator(`#${table} tbody tr`).filter({ has: page.locator("td.name", { hasText: name }) });
+}
+
+/** The usage cells of the key `name` in the keys list: last used (text and exact time on
+ * hover), requests and 429s. */
+async function usage(page, name) {
+  const r = row(page, "keys-table", name);
+  const time = r.locator("td.last-used time");
+  return {
+    lastUsed: (await r.locator("td.last-used").textContent()).trim(),
+    exact: (await time.count()) ? await time.getAttribute("title") : null,
+    requests: (await r.locator("td.requests").textContent()).trim(),
+    limited: (await r.locator("td.limited").textContent()).trim(),
+  };
+}
+
+/** Reloads the keys list (the tab) until the key `name` shows a use: usage reaches the store
+ * every keys.usage_flush_interval (200ms in this test). */
+async function waitForUse(page, name) {
+  for (let i = 0; i < 20; i += 1) {
+    const u = await usage(page, name);
+    if (u.lastUsed !== "never") return u;
+    await page.waitForTimeout(300);
+    await page.click("#tab-keys");
+    await page.locator("#keys-table tbody tr").first().waitFor();
+    await row(page, "keys-table", name).waitFor();
+  }
+  throw new Error(`check failed: the key ${name} still shows no use after 6 s`);
 }
 
 async function main() {
@@ -152,10 +184,36 @@ async function main() {
     await row(page, "keys-table", "e2e-browser").waitFor();
     check(!(await page.content()).includes(newKey), "after a reload: still signed in, key still not shown");
 
+    // Usage: the key that made the proxied request shows when, relative, with the exact time
+    // on hover, and its one request; the proxy key refused at sign-in (403) counts one too.
+    const used = await waitForUse(page, "e2e-browser");
+    check(RECENT.test(used.lastUsed), `the key used for a proxied request shows "Last used" relative ("${used.lastUsed}")`);
+    check(
+      RFC3339.test(used.exact || "") && Math.abs(Date.now() - Date.parse(used.exact)) < 60_000,
+      `with the exact RFC 3339 time on hover (${used.exact})`,
+    );
+    check(used.requests === "1" && used.limited === "0", `and its request count (${used.requests} requests, ${used.limited} 429s)`);
+    const refused = await waitForUse(page, "test");
+    check(
+      RECENT.test(refused.lastUsed) && refused.requests === "1",
+      `a request refused with 403 on the admin API counts as a use of the key ("${refused.lastUsed}", ${refused.requests})`,
+    );
+
     // Delete with confirmation: Cancel keeps it, Delete removes it at once.
     await row(page, "keys-table", "e2e-browser").locator("button.delete").click();
     await page.waitForSelector("#confirm[open]");
     check(/cannot be undone/.test(await page.textContent("#confirm-text")), "deleting asks for confirmation");
+    const warning = (await page.textContent("#confirm-warning")).trim();
+    check(
+      (await page.isVisible("#confirm-warning")) &&
+        /^This key was used (just now|\d+ seconds? ago); integrations using it will stop working\.$/.test(warning),
+      `deleting a key used within the hour says when ("${warning}")`,
+    );
+    check(
+      (await page.isDisabled("#confirm-ok")) && (await page.textContent("#confirm-ok")).trim() === "Delete anyway",
+      "and Delete waits for an explicit acknowledgement",
+    );
+    await page.screenshot({ path: env.KG_SCREENSHOT.replace(/\.png$/, "-delete.png"), fullPage: true });
     await page.click("#confirm-cancel");
     await page.waitForSelector("#confirm[open]", { state: "detached" });
     check((await row(page, "keys-table", "e2e-browser").count()) === 1, "Cancel keeps the key");
@@ -165,6 +223,8 @@ async function main() {
     await page.click("#confirm-cancel");
     await page.waitForSelector("#confirm[open]", { state: "detached" });
     await row(page, "keys-table", "e2e-browser").locator("button.delete").click();
+    await page.check("#confirm-ack");
+    check(await page.isEnabled("#confirm-ok"), "ticking the acknowledgement enables Delete");
     await page.click("#confirm-ok");
     await row(page, "keys-table", "e2e-browser").waitFor({ state: "detached" });
     check(/deleted/.test(await message(page)), "the page confirms the deletion");
@@ -180,9 +240,16 @@ async function main() {
     await xssRow.waitFor();
     check((await xssRow.locator("td.name").textContent()) === xss, "a key named <img src=x onerror=alert(1)> renders as text");
     check((await page.locator("#keys-table img").count()) === 0, "no img element was created");
+    const fresh = await usage(page, "<img");
+    check(fresh.lastUsed === "never" && fresh.exact === null && fresh.requests === "0", `a key never used shows "never" ("${fresh.lastUsed}", ${fresh.requests} requests)`);
     await page.waitForTimeout(300);
     check(dialogs.length === 0, "no alert ran");
     await xssRow.locator("button.delete").click();
+    await page.waitForSelector("#confirm[open]");
+    check(
+      (await page.isHidden("#confirm-urgent")) && (await page.isEnabled("#confirm-ok")) && !/was used/.test(await page.textContent("#confirm")),
+      "deleting a key not used within the hour keeps the plain confirmation",
+    );
     await page.click("#confirm-ok");
     await xssRow.waitFor({ state: "detached" });
     await clearMessage(page);
@@ -248,8 +315,109 @@ async function main() {
     }
     await page.fill("#key-name", "local-dev");
     await clearMessage(page);
+    check(
+      (await usage(page, "made")).lastUsed !== "never" && (await usage(page, "slack-bot")).lastUsed === "never",
+      "the keys list shows when each key was last used",
+    );
     await page.screenshot({ path: env.KG_SCREENSHOT, fullPage: true });
     check(fs.statSync(env.KG_SCREENSHOT).size > 10_000, "screenshot written");
+    const ownPreview = (await row(page, "keys-table", "made").locator("td.preview").textContent()).trim();
+
+    // Activity: the audit trail of what this test did, newest first, each change by the key
+    // this page is signed in with (by its preview).
+    await page.click("#tab-activity");
+    await page.locator("#audit-table tbody tr").first().waitFor();
+    const events = await page.$$eval("#audit-table tbody tr", (trs) =>
+      trs.map((tr) => {
+        const time = tr.querySelector("td.time time");
+        return {
+          seq: Number(tr.dataset.seq),
+          rel: tr.querySelector("td.time").textContent.trim(),
+          exact: time ? time.getAttribute("title") : null,
+          actor: tr.querySelector("td.actor").textContent.trim(),
+          action: tr.querySelector("td.action").textContent.trim(),
+          object: tr.querySelector("td.object").textContent.trim(),
+          outcome: tr.querySelector("td.outcome").textContent.trim(),
+        };
+      }),
+    );
+    check(
+      events.length > 0 && events.every((e, i) => i === 0 || (e.seq < events[i - 1].seq && e.exact <= events[i - 1].exact)),
+      `the Activity tab lists the audit trail newest first (${events.length} events)`,
+    );
+    check(
+      events.every((e) => RFC3339.test(e.exact || "") && /^(just now|\d+ (second|minute)s? ago)$/.test(e.rel)),
+      "each with a relative time and the exact time on hover",
+    );
+    const mine = (action, name) => events.filter((e) => e.action === action && e.object.endsWith(` ${name}`));
+    check(
+      events[0].action === "key.created" && events[0].object === "api_key slack-bot",
+      `the newest event is the last change made (${events[0].action} ${events[0].object})`,
+    );
+    const created = events.findIndex((e) => e.action === "key.created" && e.object === "api_key e2e-browser");
+    const deleted = events.findIndex((e) => e.action === "key.deleted" && e.object === "api_key e2e-browser");
+    check(created > deleted && deleted >= 0, "creating and deleting the key e2e-browser are listed, the deletion above the creation");
+    const byPage = [events[created], events[deleted]];
+    check(
+      byPage.every((e) => e.actor === `key ${ownPreview} you` && e.outcome === "ok"),
+      `by the signed-in admin key, shown by its preview ("${events[deleted].actor}"), with outcome ok`,
+    );
+    check(
+      mine("secret.created", "E2E_SECRET").length === 1 && mine("secret.replaced", "E2E_SECRET").length === 1 &&
+        mine("secret.deleted", "E2E_SECRET").length === 1 && mine("env_var.created", "E2E_VAR").length === 1 &&
+        mine("env_var.deleted", "E2E_VAR").length === 1,
+      "the secret's and env var's changes are listed too",
+    );
+    check(
+      mine("key.created", "<img src=x onerror=alert(1)>").length === 1 && (await page.locator("#audit-table img").count()) === 0,
+      "a hostile key name renders as text in the trail too",
+    );
+    check(await page.isHidden("#audit-more"), `no "Load more" under 50 events`);
+    check(!(await page.content()).includes(env.KG_ADMIN_KEY), "the trail shows no full key");
+    await page.screenshot({ path: env.KG_SCREENSHOT.replace(/\.png$/, "-activity.png"), fullPage: true });
+
+    // Paging, on a long trail answered by a stand-in (keygate would need 50 changes first):
+    // 50 a page, then "Load more" asks for the next page after the last event shown.
+    const asked = [];
+    const fake = (from, n) =>
+      Array.from({ length: n }, (_, i) => ({
+        id: `00000000-0000-4000-8000-${String(from - i).padStart(12, "0")}`,
+        seq: from - i,
+        created: new Date(Date.now() - (100 - from + i) * 60_000).toISOString(),
+        actor: [{ type: "cli", user: "root" }, { type: "keygate" }, { type: "api_key", id: "k", preview_name: "sk-****Fake" }][i % 3],
+        action: "config.reloaded",
+        object_type: "config",
+        object_id: "",
+        object_name: `fake-${from - i}`,
+        outcome: i === 1 ? "refused" : "ok",
+      }));
+    const auditUrl = (url) => url.pathname === "/v1/audit";
+    await page.route(
+      auditUrl,
+      (route) => {
+        const q = new URL(route.request().url()).searchParams;
+        asked.push(Object.fromEntries(q));
+        const objects = q.get("starting_after") ? fake(53 - 50, 3) : fake(53, 50);
+        route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify({ objects }) });
+      },
+    );
+    await page.click("#audit-refresh");
+    await page.waitForFunction(() => document.querySelectorAll("#audit-table tbody tr").length === 50);
+    check(await page.isVisible("#audit-more"), `a full page (50 events) offers "Load more"`);
+    await page.click("#audit-more");
+    await page.waitForFunction(() => document.querySelectorAll("#audit-table tbody tr").length === 53);
+    check(
+      asked.length === 2 && asked[0].limit === "50" && !asked[0].starting_after &&
+        asked[1].limit === "50" && asked[1].starting_after === fake(53, 50)[49].id,
+      "Load more asks for the next 50 after the last event shown (starting_after)",
+    );
+    check(await page.isHidden("#audit-more"), "and the last page hides it");
+    const actors = await page.$$eval("#audit-table td.actor", (tds) => tds.slice(0, 3).map((td) => td.textContent.trim()));
+    check(
+      actors[0] === "cli (root)" && actors[1] === "keygate" && actors[2] === "key sk-****Fake",
+      `actors read "cli (root)", "keygate", "key <preview>" (${actors.join(", ")})`,
+    );
+    await page.unroute(auditUrl);
 
     // 429 in words: the admin API's rate limit, reached by asking for the env vars quickly.
     await page.click("#tab-env");

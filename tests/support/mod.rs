@@ -521,6 +521,7 @@ impl Keygate {
                 owner,
                 "test",
                 KeyOptions::role(Role::Proxy),
+                &keygate::audit::Actor::Keygate,
             )
             .unwrap();
             (k.expose().to_owned(), rec.id)
@@ -763,7 +764,9 @@ pub fn put_typed(
         metadata: metadata.and_then(|m| m.as_object().cloned()),
         secret: Some(Secret::new(value.into())),
     };
-    store.write_ai_secret(&org, w, WriteMode::Replace).unwrap();
+    store
+        .write_ai_secret(&org, w, WriteMode::Replace, &keygate::audit::Actor::Keygate)
+        .unwrap();
 }
 
 /// Creates a key in the default org; returns (key, id).
@@ -777,6 +780,7 @@ pub fn make_key(kg: &Keygate, role: Role) -> (String, String) {
         owner,
         "made",
         KeyOptions::role(role),
+        &keygate::audit::Actor::Keygate,
     )
     .unwrap();
     (k.expose().to_owned(), rec.id)

@@ -1,5 +1,6 @@
 // keygate settings page: manages API keys, AI secrets and env vars through keygate's admin API
-// (/v1/api_key, /v1/ai_secret, /v1/env_var) on this same origin.
+// (/v1/api_key, /v1/ai_secret, /v1/env_var) on this same origin, and shows the audit trail
+// (/v1/audit).
 //
 // Rules this file keeps:
 // - The admin key lives in sessionStorage (this tab only) and travels only in the x-api-key
@@ -12,6 +13,12 @@
   const STORAGE = "keygate.adminKey";
   const PAGE = 100; // objects per list call; lists are followed by cursor to the end
   const MAX_PAGES = 100;
+  const AUDIT_PAGE = 50; // audit events per page; "Load more" fetches the next one
+
+  const SECOND = 1000;
+  const MINUTE = 60 * SECOND;
+  const HOUR = 60 * MINUTE;
+  const DAY = 24 * HOUR;
 
   const $ = (id) => document.getElementById(id);
 
@@ -153,7 +160,63 @@
     return Number.isNaN(d.getTime()) ? String(ts) : d.toLocaleString();
   }
 
-  /** A trash-icon button that asks before deleting `label` (adding `warning` to the question). */
+  /** The time `ts` (RFC 3339) as a Date, or null when it is not one. */
+  function parseTime(ts) {
+    if (typeof ts !== "string" || !ts) return null;
+    const d = new Date(ts);
+    return Number.isNaN(d.getTime()) ? null : d;
+  }
+
+  /** How long before `now` the Date `d` was, in words: "just now", "5 seconds ago",
+   * "1 minute ago", "3 hours ago", "2 days ago". A time ahead of this browser's clock (the
+   * clocks differ a little) reads as "just now". */
+  function ago(d, now = Date.now()) {
+    const ms = Math.max(0, now - d.getTime());
+    const n = (unit, name) => {
+      const k = Math.floor(ms / unit);
+      return `${k} ${name}${k === 1 ? "" : "s"} ago`;
+    };
+    if (ms < 10 * SECOND) return "just now";
+    if (ms < MINUTE) return n(SECOND, "second");
+    if (ms < HOUR) return n(MINUTE, "minute");
+    if (ms < DAY) return n(HOUR, "hour");
+    return n(DAY, "day");
+  }
+
+  /** A <time> showing `ts` relative to now ("2 minutes ago"), with the exact RFC 3339 time
+   * on hover; "never" for no time. The page refreshes these every few seconds. */
+  function relTime(ts) {
+    const d = parseTime(ts);
+    if (!d) return document.createTextNode(ts ? String(ts) : "never");
+    const t = document.createElement("time");
+    t.className = "rel";
+    t.dateTime = ts;
+    t.title = ts;
+    t.textContent = ago(d);
+    return t;
+  }
+
+  function refreshTimes() {
+    const now = Date.now();
+    for (const t of document.querySelectorAll("time.rel")) {
+      const d = parseTime(t.dateTime);
+      if (d) t.textContent = ago(d, now);
+    }
+  }
+
+  const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+
+  /** A right-aligned cell with the count `n` written compactly (1.2K), exact on hover. */
+  function countCell(n, what, className = "") {
+    const ok = Number.isFinite(n) && n >= 0;
+    const td = cell(ok ? compact.format(n) : "", `num ${className}`.trim());
+    if (ok) td.title = `${n.toLocaleString()} ${what}`;
+    return td;
+  }
+
+  /** A trash-icon button that asks before deleting `label`. `warning` is added to the
+   * question: a string, or a function (called on each click) resolving to `{note, urgent}`,
+   * where a non-empty `urgent` is shown as a warning that must be acknowledged. */
   function trashButton(label, warning, onConfirmed) {
     const b = document.createElement("button");
     b.type = "button";
@@ -168,13 +231,23 @@
     svg.appendChild(path);
     b.appendChild(svg);
     b.addEventListener("click", async () => {
-      if (await confirmDelete(label, warning)) await busy(b, onConfirmed);
+      let w = { note: typeof warning === "string" ? warning : "", urgent: "" };
+      if (typeof warning === "function") {
+        b.disabled = true;
+        try {
+          w = await warning();
+        } finally {
+          b.disabled = false;
+        }
+      }
+      if (await confirmDelete(label, w)) await busy(b, onConfirmed);
     });
     return b;
   }
 
   /** A table row for the object `id`: its cells, then a trash button that deletes `label` at
-   * `url` (after a confirmation that adds `warning`) and reloads the list with `reload`. */
+   * `url` (after a confirmation that adds `warning`, see trashButton) and reloads the list with
+   * `reload`. */
   function objectRow(id, cells, label, url, reload, warning = "") {
     const tr = document.createElement("tr");
     tr.dataset.id = id;
@@ -191,13 +264,24 @@
     return tr;
   }
 
-  function confirmDelete(label, warning) {
+  /** Asks before deleting `label`, adding `note`; with an `urgent` warning, Delete stays
+   * disabled until the person ticks that they understand. Resolves to true for Delete. */
+  function confirmDelete(label, { note = "", urgent = "" } = {}) {
     const dialog = $("confirm");
     $("confirm-text").textContent =
-      `Delete ${label}? This takes effect immediately and cannot be undone.${warning ? ` ${warning}` : ""}`;
+      `Delete ${label}? This takes effect immediately and cannot be undone.${note ? ` ${note}` : ""}`;
+    $("confirm-warning").textContent = urgent;
+    $("confirm-urgent").hidden = !urgent;
+    $("confirm-ack").checked = false;
+    $("confirm-ok").disabled = Boolean(urgent);
+    $("confirm-ok").textContent = urgent ? "Delete anyway" : "Delete";
     dialog.returnValue = "";
     return new Promise((resolve) => {
-      dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+      dialog.addEventListener(
+        "close",
+        () => resolve(dialog.returnValue === "ok" && (!urgent || $("confirm-ack").checked)),
+        { once: true },
+      );
       dialog.showModal();
       $("confirm-cancel").focus();
     });
@@ -219,6 +303,24 @@
     return key.length > 8 ? `${key.slice(0, 3)}****${key.slice(-4)}` : null;
   }
 
+  /** What to add to the question when deleting the key `k`: it is this page's own key, and
+   * (asked afresh, since the list may be old) whether it was used within the last hour. */
+  async function keyDeleteWarning(k, mine) {
+    let used = k.last_used;
+    try {
+      const fresh = await api("GET", `/v1/api_key/${encodeURIComponent(k.id)}`);
+      if (fresh && "last_used" in fresh) used = fresh.last_used;
+    } catch (e) {
+      // The listed time stands; the delete itself reports what is wrong (gone, 401 …).
+    }
+    const d = parseTime(used);
+    const recent = d !== null && Date.now() - d.getTime() < HOUR;
+    return {
+      note: mine ? "This page is signed in with this key: you will be signed out." : "",
+      urgent: recent ? `This key was used ${ago(d)}; integrations using it will stop working.` : "",
+    };
+  }
+
   async function loadKeys() {
     const keys = await listAll("/v1/api_key");
     if (keys.length && keys[0].org_id) orgId = keys[0].org_id;
@@ -235,13 +337,25 @@
         // the one this tab signed in with is almost surely it (previews end in 4 characters).
         const mine = k.role === "admin" && k.preview_name === own;
         if (mine) name.append(" ", badge("signed in with this key", "mine"));
+        const lastUsed = cell("", "last-used");
+        lastUsed.append(relTime(k.last_used));
+        const limited = Number(k.rate_limited_count);
         return objectRow(
           k.id,
-          [name, cell(k.preview_name, "preview"), cell(k.role || ""), cell(when(k.created)), status],
+          [
+            name,
+            cell(k.preview_name, "preview"),
+            cell(k.role || ""),
+            cell(when(k.created)),
+            lastUsed,
+            countCell(Number(k.request_count), "requests authenticated with this key", "requests"),
+            countCell(limited, "requests refused with 429", limited > 0 ? "limited hot" : "limited"),
+            status,
+          ],
           `the key “${k.name}” (${k.preview_name})`,
           `/v1/api_key/${encodeURIComponent(k.id)}`,
           loadKeys,
-          mine ? "This page is signed in with this key: you will be signed out." : "",
+          () => keyDeleteWarning(k, mine),
         );
       }),
     );
@@ -374,9 +488,89 @@
     });
   }
 
+  // ---------------------------------------------------------------- activity (audit trail)
+
+  /** The actor of an event in words: "key sk-****abcd", "cli (root)" or "keygate". */
+  function actorText(a) {
+    if (!a || typeof a !== "object") return "unknown";
+    switch (a.type) {
+      case "api_key":
+        return `key ${a.preview_name || a.id || "(unknown)"}`;
+      case "cli":
+        return `cli (${a.user || "unknown user"})`;
+      case "keygate":
+        return "keygate";
+      default:
+        return String(a.type || "unknown");
+    }
+  }
+
+  let auditAfter = null; // id of the oldest event shown: the cursor of the next page
+  let auditGeneration = 0; // bumped by each fresh load, so a late "Load more" answer is dropped
+
+  function auditRow(ev) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = String(ev.id || "");
+    if (Number.isFinite(ev.seq)) tr.dataset.seq = String(ev.seq);
+    const time = cell("", "time");
+    time.append(relTime(ev.created));
+    const actor = cell(actorText(ev.actor), "actor");
+    const own = ownPreview();
+    if (ev.actor && ev.actor.type === "api_key") {
+      if (ev.actor.id) actor.title = `key id ${ev.actor.id}`;
+      if (own && ev.actor.preview_name === own) actor.append(" ", badge("you", "mine"));
+    } else if (ev.actor && ev.actor.type === "cli") {
+      actor.title = "the keygate command line, run by this OS user";
+    }
+    const action = cell("", "action");
+    const code = document.createElement("code");
+    code.textContent = String(ev.action || "");
+    action.append(code);
+    const object = cell("", "object name");
+    const type = document.createElement("span");
+    type.className = "type";
+    type.textContent = String(ev.object_type || "");
+    object.append(type);
+    if (ev.object_name) object.append(" ", String(ev.object_name));
+    if (ev.object_id) object.title = `id ${ev.object_id}`;
+    const outcome = cell("", "outcome");
+    const o = String(ev.outcome || "");
+    outcome.append(badge(o || "unknown", o === "ok" ? "good" : "bad"));
+    tr.append(time, actor, action, object, outcome);
+    return tr;
+  }
+
+  /** One page of the trail (newest first) after the cursor; appended, or replacing the list
+   * when `fresh`. */
+  async function loadAuditPage(fresh) {
+    const generation = fresh ? ++auditGeneration : auditGeneration;
+    // Until the fresh page is in, a cursor from the old list must not be followed.
+    if (fresh) $("audit-more").hidden = true;
+    const q = new URLSearchParams({ limit: String(AUDIT_PAGE) });
+    if (!fresh && auditAfter) q.set("starting_after", auditAfter);
+    const page = await api("GET", `/v1/audit?${q}`);
+    if (generation !== auditGeneration) return;
+    const events = Array.isArray(page && page.objects) ? page.objects : [];
+    const body = $("audit-table").querySelector("tbody");
+    const rows = events.map(auditRow);
+    if (fresh) body.replaceChildren(...rows);
+    else body.append(...rows);
+    if (events.length) auditAfter = String(events[events.length - 1].id);
+    else if (fresh) auditAfter = null;
+    $("audit-empty").hidden = body.children.length > 0;
+    $("audit-more").hidden = events.length < AUDIT_PAGE;
+  }
+
+  const loadActivity = () => loadAuditPage(true);
+
   // ---------------------------------------------------------------- tabs and session
 
-  const loaders = { "panel-keys": loadKeys, "panel-secrets": loadSecrets, "panel-env": loadEnv };
+  const loaders = {
+    "panel-keys": loadKeys,
+    "panel-secrets": loadSecrets,
+    "panel-env": loadEnv,
+    "panel-activity": loadActivity,
+  };
 
   function selectTab(tab) {
     hideNewKey(); // leaving the view: the full key is gone for good
@@ -398,9 +592,12 @@
   function signOut() {
     sessionStorage.removeItem(STORAGE);
     hideNewKey();
-    for (const id of ["keys-table", "secrets-table", "env-table"]) {
+    for (const id of ["keys-table", "secrets-table", "env-table", "audit-table"]) {
       $(id).querySelector("tbody").replaceChildren();
     }
+    auditGeneration += 1;
+    auditAfter = null;
+    $("audit-more").hidden = true;
     $("settings").hidden = true;
     $("sign-out").hidden = true;
     $("sign-in").hidden = false;
@@ -443,6 +640,18 @@
       busy(e.submitter || null, loadEnv);
     });
     $("env-form").addEventListener("submit", setEnv);
+    $("audit-more").addEventListener("click", () => {
+      clearMessage();
+      busy($("audit-more"), () => loadAuditPage(false));
+    });
+    $("audit-refresh").addEventListener("click", () => {
+      clearMessage();
+      busy($("audit-refresh"), loadActivity);
+    });
+    $("confirm-ack").addEventListener("change", () => {
+      $("confirm-ok").disabled = !$("confirm-ack").checked;
+    });
+    setInterval(refreshTimes, 15 * SECOND);
     for (const t of document.querySelectorAll('[role="tab"]')) {
       t.addEventListener("click", () => selectTab(t));
     }
