@@ -318,10 +318,22 @@ async fn instances_starting_together_mint_one_admin_key_and_a_stranger_is_refuse
         "1"
     );
     assert_eq!(
-        pg.psql(&db.name, "SELECT COUNT(*) FROM keygate_migrations")
-            .trim(),
-        "1",
-        "migrated once"
+        pg.psql(
+            &db.name,
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM keygate_migrations"
+        )
+        .trim(),
+        "1,2",
+        "each migration applied once"
+    );
+    assert_eq!(
+        pg.psql(
+            &db.name,
+            "SELECT seq, action, actor_type FROM audit_events ORDER BY seq"
+        )
+        .trim(),
+        "1|key.created|keygate",
+        "one audit event for the one first admin key"
     );
 
     // Another master key: refused before anything is read or written.

@@ -602,3 +602,87 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("BROKEN: event #5 "), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygate_records_its_own_changes_and_a_refused_reload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let kg = Keygate::start(
+        &ca,
+        &[("/", &up.url(), "S")],
+        "\n[keys]\non_cleartext = \"revoke\"\n",
+    )
+    .await;
+    let client = ca.client(false);
+    let (admin, _) = make_key(&kg, Role::Admin);
+    let (s, _, list) = admin_call(
+        &client,
+        "GET",
+        &kg.admin_url("/v1/audit"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let skip = list["objects"].as_array().unwrap().len();
+
+    // The proxy key leaks over cleartext: flagged, then revoked, both by keygate itself.
+    let mut tcp = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let req = format!(
+        "GET /leak HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {}\r\n\r\n",
+        kg.key
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        let got = events_since(&kg, &client, &admin, skip).await;
+        if got.len() >= 2 || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let actions: Vec<&str> = got.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["key.flagged_exposed", "key.revoked_cleartext"]);
+    for e in &got {
+        assert_eq!(e["actor"], json!({"type": "keygate"}));
+        assert_eq!(e["object_id"], kg.key_id.as_str());
+        assert_eq!(e["object_name"], "test");
+    }
+
+    // A config file that does not load: refused, recorded without the error's text.
+    let good = std::fs::read_to_string(&kg.config_path).unwrap();
+    std::fs::write(
+        &kg.config_path,
+        format!("{good}\n[store]\nurl = \"postgres://u:hunter2-password@db/x\"\nbogus = 1\n"),
+    )
+    .unwrap();
+    let (s, _, body) = admin_call(
+        &client,
+        "POST",
+        &kg.admin_url("/-/reload"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let got = events_since(&kg, &client, &admin, skip + 2).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["action"], "config.refused");
+    assert_eq!(got[0]["outcome"], "refused");
+    assert_eq!(got[0]["object_type"], "config");
+    let (_, _, raw) = send(
+        &client,
+        get(&kg.admin_url("/v1/audit"), &[("x-api-key", &admin)]),
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&raw).contains("hunter2"));
+    std::fs::write(&kg.config_path, good).unwrap();
+    kg.stop().await;
+}
