@@ -21,7 +21,9 @@ is missing). W1min (full mode, or --only W1min) runs W1-h1's and W1-h2's loads o
 direct-min (a minimal TLS origin, nginx answering `return 200 "ok"`, on core 1), keygate-min
 (upstream h2), keygate-min-h1 (upstream HTTP/1.1), nginx-min and haproxy-min, each configured
 like its tier but proxying to that origin, whose CPU per request is reported next to the
-proxy's. W7 (4 reloads during a W1-h1
+proxy's. keygate-nousage (only when --tiers names it; W1 only) is the keygate tier's config and
+store with [keys] track_usage = false: keygate ÷ keygate-nousage is what key-usage tracking
+costs. W7 (4 reloads during a W1-h1
 load; not on the direct tier) runs after W1 on the long-running processes and leaves them
 serving an equivalent config. The memory workloads (W2-slow, W6) run last in a round, each on a
 freshly restarted process. Output:
@@ -43,7 +45,7 @@ import argparse
 import sys
 
 from compare import report, runner
-from compare.common import MODES, TIERS
+from compare.common import DEFAULT_TIERS, MODES, TIERS
 from compare.workloads import NOT_MEASURED, WORKLOADS
 
 
@@ -52,9 +54,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="2 rounds, short runs (< 3 minutes)")
     ap.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
     ap.add_argument("--only", help="workloads, e.g. W1,W3,W7 or W1-h2 (W4 is not measured here)")
-    ap.add_argument("--tiers", default=",".join(TIERS),
-                    help="default: all of " + ",".join(TIERS) + " (the fleet tiers keygate-pg "
-                         "and keygate-redis run W8 only, the min tiers W1min only)")
+    ap.add_argument("--tiers", default=",".join(DEFAULT_TIERS),
+                    help="default: all of " + ",".join(DEFAULT_TIERS) + " (the fleet tiers "
+                         "keygate-pg and keygate-redis run W8 only, the min tiers W1min only). "
+                         "Also: keygate-nousage, the keygate tier's config and store with [keys] "
+                         "track_usage = false, W1 only and only when named, e.g. --tiers "
+                         "keygate,keygate-nousage,nginx --only W1 (ratios keygate ÷ "
+                         "keygate-nousage: what key-usage tracking costs)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already in target/release")
     ap.add_argument("--no-restart", action="store_true",
                     help="W2-slow and W6 on the long-running processes (default: restarted, since "

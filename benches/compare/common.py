@@ -1,7 +1,8 @@
 """What every part of the side-by-side benchmark shares: where things are (the repository, the
 release binaries, the templates, the results and the scratch directory), the tiers and their
 order (with the fleet tiers: keygate over a private PostgreSQL store or with its quotas in a
-private Redis; and the min tiers: the proxies in front of a minimal nginx origin), the cores,
+private Redis; the min tiers: the proxies in front of a minimal nginx origin; and keygate-nousage:
+keygate without key-usage tracking), the cores,
 the two run modes, the commands that install missing tools, and log()."""
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ PROBE = RELEASE / "examples" / "sse-probe"
 
 TOKEN = "bench-upstream-token"
 N_KEYS = 10_000
-TIERS = ["direct", "keygate", "keygate-pg", "keygate-redis", "nginx", "haproxy",
-         "direct-min", "keygate-min", "keygate-min-h1", "nginx-min", "haproxy-min"]
+TIERS = ["direct", "keygate", "keygate-nousage", "keygate-pg", "keygate-redis", "nginx",
+         "haproxy", "direct-min", "keygate-min", "keygate-min-h1", "nginx-min", "haproxy-min"]
 PEERS = ["direct", "nginx", "haproxy"]
 # keygate configured exactly like the keygate tier, but over a private PostgreSQL store
 # (keygate-pg) or with [limits] backend = "redis" on a private redis-server (keygate-redis;
@@ -43,11 +44,18 @@ MIN_OF = {"direct-min": "direct", "keygate-min": "keygate", "keygate-min-h1": "k
 MIN_TIERS = list(MIN_OF)
 MIN_KEYGATES = ["keygate-min", "keygate-min-h1"]
 MIN_PEERS = ["direct-min", "nginx-min", "haproxy-min"]
-# The tiers that run only the workloads that name them (on_tiers), and are set up only when
-# one of those is selected.
-OPTIONAL_TIERS = FLEET_TIERS + MIN_TIERS
+# keygate configured exactly like the keygate tier (the same store, so the same keys and secret)
+# but for [keys] track_usage = false: what the per-request key-usage tracking costs, side by side
+# with keygate. It runs W1 only (W1-h1, W1-h2, W1-rate: their also_on), and only when --tiers
+# names it: it is not in the default tier list (DEFAULT_TIERS).
+NOUSAGE_TIERS = ["keygate-nousage"]
+# The tiers that run only the workloads that name them (on_tiers, also_on), and are set up only
+# when one of those is selected.
+OPTIONAL_TIERS = FLEET_TIERS + MIN_TIERS + NOUSAGE_TIERS
 KEYGATES = ["keygate"] + FLEET_TIERS   # W8's tiers
-KEYGATE_TIERS = KEYGATES + MIN_KEYGATES  # every tier that is a keygate process
+KEYGATE_TIERS = KEYGATES + MIN_KEYGATES + NOUSAGE_TIERS  # every tier that is a keygate process
+# --tiers' default: every tier but keygate-nousage (a plain run measures what it always did).
+DEFAULT_TIERS = [t for t in TIERS if t not in NOUSAGE_TIERS]
 # The tools a tier needs besides keygate (the tier is skipped, saying how to install them).
 TIER_TOOLS = {"nginx": ["nginx"], "haproxy": ["haproxy"], "keygate-pg": ["postgres"],
               "keygate-redis": ["redis-server"], "direct-min": ["nginx"],

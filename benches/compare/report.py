@@ -15,7 +15,8 @@ from pathlib import Path
 from .common import OPTIONAL_TIERS, PEERS, RESULTS, TIERS, log
 from .workloads import NOT_MEASURED, WORKLOADS
 
-COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "keygate-pg": "#6baed6",
+COLORS = {"direct": "#9e9e9e", "keygate": "#1f77b4", "keygate-nousage": "#aec7e8",
+          "keygate-pg": "#6baed6",
           "keygate-redis": "#9467bd", "nginx": "#2ca02c", "haproxy": "#ff7f0e",
           "direct-min": "#c7c7c7", "keygate-min": "#17becf", "keygate-min-h1": "#9edae5",
           "nginx-min": "#98df8a", "haproxy-min": "#ffbb78"}
@@ -95,11 +96,12 @@ def summarise(measurements: list[dict]) -> dict:
 
 def ratio_pairs(wname: str) -> list[tuple[str, str, list[str]]]:
     """The workload's ratios: (label, keygate tier, peer tiers: the best of them per round).
-    The label is the peer for the default keygate ÷ direct, nginx, HAProxy (latest.json's
-    ratios_keygate_over as before), else "keygate-tier ÷ peer" ("best peer" for a list)."""
+    The label is the peer for the default keygate ÷ direct, nginx, HAProxy and the workload's
+    also_on tiers (W1: keygate ÷ keygate-nousage; latest.json's ratios_keygate_over as before),
+    else "keygate-tier ÷ peer" ("best peer" for a list)."""
     spec = WORKLOADS.get(wname)
     if spec is None or spec.ratios is None:
-        return [(p, "keygate", [p]) for p in PEERS]
+        return [(p, "keygate", [p]) for p in PEERS + (spec.also_on if spec else [])]
     return [(f"{kg} ÷ {'best peer' if isinstance(p, list) else p}", kg,
              p if isinstance(p, list) else [p]) for kg, p in spec.ratios]
 

@@ -179,9 +179,9 @@ class Bench:
                             self.skipped.append({"workload": w, "tier": tier, "reason": reason})
                         continue
                     on = WORKLOADS[w].on_tiers
-                    if (tier not in on) if on else (tier in OPTIONAL_TIERS):
-                        # The fleet tiers run W8 only, the min tiers W1min only; W8 runs on
-                        # keygate and the fleet tiers.
+                    if not WORKLOADS[w].runs_on(tier):
+                        # The fleet tiers run W8 only, the min tiers W1min only, keygate-nousage
+                        # W1 only; W8 runs on keygate and the fleet tiers.
                         if rnd == 1 and on:
                             self.skipped.append({"workload": w, "tier": tier,
                                                  "reason": f"runs on {', '.join(on)} only"})
@@ -209,8 +209,8 @@ def main(args) -> int:
 
     tools = find_tools()
     wanted = ["wrk", "h2load", "nginx", "haproxy", "taskset"]
-    wanted += [tool for t in OPTIONAL_TIERS if t in args.tier_list for tool in TIER_TOOLS[t]
-               if tool not in wanted]
+    wanted += [tool for t in OPTIONAL_TIERS if t in args.tier_list
+               for tool in TIER_TOOLS.get(t, []) if tool not in wanted]
     missing = [t for t in wanted if not tools[t]]
     if missing:
         pkgs = " ".join(APT_PKG[t] for t in missing)
@@ -235,14 +235,14 @@ def main(args) -> int:
         if not b.exists():
             print(f"{b} is missing: run without --no-build", file=sys.stderr)
             return 1
-    # The fleet tiers (a PostgreSQL and a Redis to start, 10,000 keys to make) and the min tiers
-    # (the minimal origin and four more proxies) only when a workload that runs on them (W8,
-    # W1min) is selected.
+    # The fleet tiers (a PostgreSQL and a Redis to start, 10,000 keys to make), the min tiers
+    # (the minimal origin and four more proxies) and keygate-nousage only when a workload that
+    # runs on them (W8, W1min, W1) is selected.
     selected = [w for w in WORKLOADS if (any(w == o or w.startswith(o + "-") for o in args.only)
                                          if args.only is not None
                                          else not (args.quick and WORKLOADS[w].full_only))]
     args.tier_list = [t for t in args.tier_list if t not in OPTIONAL_TIERS
-                      or any(t in (WORKLOADS[w].on_tiers or []) for w in selected)]
+                      or any(WORKLOADS[w].runs_on(t) for w in selected)]
     t_bench = time.monotonic()
     # What was built (read now: the tree may change while the benchmark runs).
     commit = git("rev-parse", "--short", "HEAD") or "unknown"

@@ -2,7 +2,9 @@
 (examples/bench_upstream.rs) itself; keygate, nginx and HAProxy proxy to it. The fleet tiers
 are keygate again with the same config but for the store (keygate-pg: a private PostgreSQL,
 its own 10,000 keys made by the same CLI) or the quotas (keygate-redis: [limits] backend =
-"redis" on a private redis-server, the keygate tier's SQLite store and keys).
+"redis" on a private redis-server, the keygate tier's SQLite store and keys). keygate-nousage is
+keygate again with the same config, store and keys but for [keys] track_usage = false (W1 only,
+when asked for: what the per-request key-usage tracking costs).
 
 The min tiers (W1min) are direct, keygate (twice: upstream h2 and HTTP/1.1), nginx and HAProxy
 again, each configured exactly like its tier but for the upstream address: a minimal TLS origin
@@ -119,11 +121,13 @@ class Tiers:
 
     def keygate_config(self, path: Path, proxy: int, admin: int, certgen: bool,
                        store_url: str | None = None, redis_url: str | None = None,
-                       upstream_port: int | None = None, http2: bool | None = None) -> None:
+                       upstream_port: int | None = None, http2: bool | None = None,
+                       track_usage: bool = True) -> None:
         """keygate's bench config; the fleet tiers' differ only by store_url (the PostgreSQL
         store instead of SQLite) or redis_url ([limits] backend = "redis"), the min tiers' by
         upstream_port (the minimal origin instead of the fixture) and http2 (keygate-min: h2,
-        keygate-min-h1: HTTP/1.1, whatever --keygate-upstream says)."""
+        keygate-min-h1: HTTP/1.1, whatever --keygate-upstream says), keygate-nousage's by
+        track_usage ([keys] track_usage = false)."""
         if certgen:
             tls = f'dev_dir = "{self.certs}"'
             upstream = ""
@@ -143,6 +147,7 @@ class Tiers:
             redis_url, prefix = self.args.keygate_redis, "keygate-bench:"
         limits_backend = (f'backend = "redis"\nredis_url = "{redis_url}"\n'
                           f'redis_prefix = "{prefix}"\n' if redis_url else "")
+        usage = "" if track_usage else "track_usage = false  # keygate-nousage: no key-usage counts\n"
         path.write_text(f"""# written by benches/compare.py
 [listen]
 proxy = "127.0.0.1:{proxy}"
@@ -158,7 +163,7 @@ master_key_file = "{WORK}/kg/master.key"
 {upstream}
 [keys]
 cache_ttl = "1h"      # the run is <= 20 min: no mass expiry of the 10,000 warmed keys mid-run
-
+{usage}
 [limits]
 default = {{ per_second = 1000, burst = 2000 }}
 admin = {{ per_second = 100000, burst = 100000 }}
@@ -183,7 +188,7 @@ inject = {{ ai_secret = "UP" }}
                  "keygate-pg", "keygate-pg_admin", "keygate-redis", "keygate-redis_admin",
                  "postgres", "redis", "certgen", "certgen_admin", "origin", "keygate-min",
                  "keygate-min_admin", "keygate-min-h1", "keygate-min-h1_admin", "nginx-min",
-                 "haproxy-min")
+                 "haproxy-min", "keygate-nousage", "keygate-nousage_admin")
         self.ports.update(zip(names, free_ports(len(names))))
 
         # Certificates: keygate writes its development CA and server certificate on start.
@@ -257,6 +262,7 @@ inject = {{ ai_secret = "UP" }}
         self.proc["fixture"] = self.start_fixture(self.ports["fixture"], self.ports["fixture_plain"],
                                                   "fixture")
         self.port = {"direct": self.ports["fixture"], "keygate": self.ports["keygate"],
+                     "keygate-nousage": self.ports["keygate-nousage"],
                      "keygate-pg": self.ports["keygate-pg"],
                      "keygate-redis": self.ports["keygate-redis"],
                      "nginx": self.ports["nginx"], "haproxy": self.ports["haproxy"],
@@ -276,6 +282,13 @@ inject = {{ ai_secret = "UP" }}
                                     self.ports[f"{tier}_admin"], certgen=False,
                                     upstream_port=self.ports["origin"],
                                     http2=tier == "keygate-min")
+        if "keygate-nousage" in self.names():
+            # The keygate tier's store (its keys and secret), its own listeners.
+            self.keygate_config(WORK / "keygate-nousage.toml", self.ports["keygate-nousage"],
+                                self.ports["keygate-nousage_admin"], certgen=False,
+                                track_usage=False)
+            self.note("keygate-nousage: the keygate tier's config (the same store, keys and "
+                      "secret) with [keys] track_usage = false")
         for tier in self.names():
             if tier in FLEET_TIERS:
                 try:

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .client import http_get, open_tls, read_response
-from .common import (FLEET_TIERS, KEYGATES, LOAD_CORE, MIN_KEYGATES, MIN_PEERS, MIN_TIERS, PROBE,
-                     TEMPLATES, TIERS, TMP, WORK, log)
+from .common import (FLEET_TIERS, KEYGATES, LOAD_CORE, MIN_KEYGATES, MIN_PEERS, MIN_TIERS,
+                     NOUSAGE_TIERS, OPTIONAL_TIERS, PROBE, TEMPLATES, TIERS, TMP, WORK, log)
 from .parsers import UNIT_MS, parse_h2load, parse_oha, parse_wrk
 from .processes import children, cpu_us, rss_kib
 from .tiers import Tiers
@@ -66,12 +66,15 @@ class Workload:
     # does its own accounting (implied by restarts).
     own_accounting: bool = False
     proxy_only: str | None = None   # not run on the direct tier: why
-    # Only on these tiers (None: every tier but the fleet and min tiers, which run W8 and W1min
-    # only).
+    # Only on these tiers (None: every tier but the optional ones, the fleet and min tiers and
+    # keygate-nousage, which run W8, W1min and W1 only).
     on_tiers: list[str] | None = None
+    # With on_tiers None: the optional tiers it also runs on (W1: keygate-nousage), when asked
+    # for; the default ratios then add keygate ÷ each of them.
+    also_on: list[str] = field(default_factory=list)
     # The ratios of the report, taken round by round: (keygate tier, peer tier) pairs; a peer
     # given as a list of tiers is the best of them in that round (for a higher-is-better metric
-    # the highest, else the lowest). None: keygate ÷ direct, nginx, HAProxy.
+    # the highest, else the lowest). None: keygate ÷ direct, nginx, HAProxy (and also_on).
     ratios: list[tuple[str, str | list[str]]] | None = None
     cpu_metric: str = "cpu_us_per_req"  # the name of the proxy's CPU per request
     # More lines for its section of latest.md, from all the measurements.
@@ -79,6 +82,11 @@ class Workload:
 
     def __post_init__(self):
         self.own_accounting = self.own_accounting or self.restarts
+
+    def runs_on(self, tier: str) -> bool:
+        if self.on_tiers:
+            return tier in self.on_tiers
+        return tier not in OPTIONAL_TIERS or tier in self.also_on
 
 
 WORKLOADS: dict[str, Workload] = {}
@@ -145,7 +153,7 @@ W1_COLUMNS = [("rps", "req/s", "k", True), ("cpu_us_per_req", "CPU µs/req", "f1
 
 @workload("W1-h1", title="W1 small GET, HTTP/1.1 over TLS, keep-alive",
           load="wrk -t1 -c64 --latency, the next of 10,000 keys on each request",
-          tools=["wrk"], columns=W1_COLUMNS,
+          tools=["wrk"], columns=W1_COLUMNS, also_on=NOUSAGE_TIERS,
           chart=[("rps", "W1 h1 TLS keep-alive: req/s", True),
                  ("cpu_us_per_req", "W1 h1 TLS: proxy CPU µs per request", False)])
 def w1_h1(tiers: Tiers, tier: str) -> tuple[dict, str]:
@@ -154,7 +162,7 @@ def w1_h1(tiers: Tiers, tier: str) -> tuple[dict, str]:
 
 @workload("W1-h2", title="W1 small GET, HTTP/2 over TLS",
           load="h2load -t1 -c16 -m16, one key (exempt from the 1000 r/s per-key limit)",
-          tools=["h2load"], columns=W1_COLUMNS,
+          tools=["h2load"], columns=W1_COLUMNS, also_on=NOUSAGE_TIERS,
           chart=[("rps", "W1 h2 TLS 16×16: req/s", True),
                  ("cpu_us_per_req", "W1 h2 TLS: proxy CPU µs per request", False)])
 def w1_h2(tiers: Tiers, tier: str) -> tuple[dict, str]:
@@ -164,7 +172,7 @@ def w1_h2(tiers: Tiers, tier: str) -> tuple[dict, str]:
 @workload("W1-rate", title=f"W1 small GET, HTTP/1.1 over TLS at a fixed {FIXED_RATE} r/s",
           load=f"oha -q {FIXED_RATE} --latency-correction (else h2load --h1 -c16 -m1 "
                f"--rps {FIXED_RATE // 16}), one key; latency is the point",
-          tools_any=["h2load", "oha"], full_only=True,
+          tools_any=["h2load", "oha"], full_only=True, also_on=NOUSAGE_TIERS,
           columns=[("rps", "req/s", "k", None), ("p50_ms", "p50 ms", "f3", False),
                    ("p99_ms", "p99 ms", "f3", False), ("cpu_us_per_req", "CPU µs/req", "f1", False)],
           chart=[("p99_ms", f"W1 at {FIXED_RATE} r/s: latency p99 ms", False)])
