@@ -28,9 +28,11 @@ fn per_op(label: &str, n: u64, mut f: impl FnMut(u64)) {
 fn main() {
     let u = Usage::default();
     let n = 2_000_000;
-    per_op("note, 10,000 keys rotating (after the first flush interval)", n, |i| {
-        u.note(black_box(u128::from(i % 10_000) + 1), i % 7 == 0)
-    });
+    per_op(
+        "note, 10,000 keys rotating (after the first flush interval)",
+        n,
+        |i| u.note(black_box(u128::from(i % 10_000) + 1), i % 7 == 0),
+    );
     per_op("note, one key", n, |i| u.note(black_box(42), i % 7 == 0));
     let t = Instant::now();
     let taken = u.take();
@@ -52,8 +54,8 @@ fn main() {
     // The flush: one transaction updating every used key (synchronous = FULL, as served).
     let dir = tempfile::tempdir().expect("temp dir");
     let master = std::sync::Arc::new(keygate::crypto::MasterKey::from_bytes(&[7; 32]));
-    let store = keygate::store::SqliteStore::open(&dir.path().join("k.db"), master.clone())
-        .expect("store");
+    let store =
+        keygate::store::SqliteStore::open(&dir.path().join("k.db"), master.clone()).expect("store");
     let t0 = keygate::store::Store::tenant(&store).expect("tenant");
     let made = keygate::store::issue_keys(
         &store,
