@@ -686,3 +686,97 @@ async fn keygate_records_its_own_changes_and_a_refused_reload() {
     std::fs::write(&kg.config_path, good).unwrap();
     kg.stop().await;
 }
+
+/// `keys delete` on a terminal (a pty from util-linux's `script`): a key used within the hour
+/// is deleted after a yes, and kept after anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_delete_on_a_terminal_asks_and_takes_only_a_yes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut ids = Vec::new();
+    for name in ["kept", "gone"] {
+        let (code, _, err) = kg_cli(d, &["keys", "create", "--name", name], b"").await;
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (_, listed, _) = kg_cli(d, &["keys", "list"], b"").await;
+    for name in ["kept", "gone"] {
+        ids.push(
+            listed
+                .lines()
+                .find(|l| l.contains(&format!(" {name} ")))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let text = format!(
+        "[store]\npath = {:?}\nmaster_key_file = {:?}\n",
+        d.join("data/keygate.db"),
+        d.join("data/master.key")
+    );
+    let config = keygate::config::Config::parse(&text, "test").unwrap();
+    let (_, store) = keygate::app::open_store(&config, None).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let used: Vec<_> = ids
+        .iter()
+        .map(|id| keygate::store::KeyUsage {
+            key_id: id.clone(),
+            last_used_ms: now - 5 * 60_000,
+            requests: 1,
+            rate_limited: 0,
+        })
+        .collect();
+    store.record_usage(&used).unwrap();
+    let org = store.tenant().unwrap().org_id;
+
+    let on_a_terminal = |id: String, answer: &'static [u8]| {
+        let d = d.to_owned();
+        async move {
+            let line = format!("{} keys delete {id}", env!("CARGO_BIN_EXE_keygate"));
+            let mut cmd = tokio::process::Command::new("script");
+            cmd.args(["-qec", &line, "/dev/null"])
+                .current_dir(&d)
+                .env("USER", "alice")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd.spawn().expect("util-linux script");
+            let mut input = child.stdin.take().unwrap();
+            // The question comes first; a pty given its answer early keeps it for the read.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut input, answer)
+                .await
+                .unwrap();
+            let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+                .await
+                .expect("keys delete answered")
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    };
+    let (code, out) = on_a_terminal(ids[0].clone(), b"n\n").await;
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        out.contains("this key was used 5 minutes ago; integrations using it will stop working")
+            && out.contains("[y/N]"),
+        "{out}"
+    );
+    assert!(
+        store.get_api_key(&org, &ids[0]).unwrap().is_some(),
+        "deleted after a no"
+    );
+    let (code, out) = on_a_terminal(ids[1].clone(), b"y\n").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("deleted key"), "{out}");
+    assert!(
+        store.get_api_key(&org, &ids[1]).unwrap().is_none(),
+        "kept after a yes"
+    );
+}
