@@ -807,3 +807,80 @@ async fn connections_beyond_the_cap_are_refused_and_open_ones_carry_on() {
     assert_eq!(paths.iter().filter(|p| *p == "/after").count(), 1);
     kg.stop().await;
 }
+
+/// Two servers on one SQLite store: `keygate reload` with each one's config signals that one.
+/// (Before, both wrote `keygate.pid` and the last one started took every reload.)
+#[tokio::test]
+async fn keygate_reload_finds_its_own_server_when_two_share_a_store() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::start(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mut cfgs = Vec::new();
+    for name in ["a", "b"] {
+        let text = child_config(&ca, &[("/", &up.url())], "").replace(
+            "admin = \"127.0.0.1:0\"",
+            &format!("admin = \"127.0.0.1:{}\"", free_port()),
+        );
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        cfgs.push(cfg.to_str().unwrap().to_owned());
+    }
+    let (code, _, err) = cli(
+        dir.path(),
+        &["--config", &cfgs[0], "secrets", "put", "UPSTREAM_KEY"],
+        b"up-secret\n",
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let a = KeygateProcess::serve(dir.path(), &["--config", &cfgs[0]], &[]).await;
+    let b = KeygateProcess::serve(dir.path(), &["--config", &cfgs[1]], &[]).await;
+    let key = a.stdout_lines[0].clone();
+    let client = client_trusting(&dir.path().join("certs/ca.pem"), false);
+    let generation = |port: u16| {
+        let (client, key) = (client.clone(), key.clone());
+        async move {
+            let url = format!("https://127.0.0.1:{port}/-/reload");
+            let (s, _, v) = admin_call(&client, "GET", &url, Some(&key), None).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["generation"].as_u64().unwrap()
+        }
+    };
+    let (code, _, err) = cli(dir.path(), &["--config", &cfgs[0], "reload"], b"", &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while generation(a.admin.port()).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "a did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        generation(b.admin.port()).await,
+        0,
+        "b reloaded for a's config"
+    );
+    let (code, _, err) = cli(dir.path(), &["--config", &cfgs[1], "reload"], b"", &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while generation(b.admin.port()).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "b did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(generation(a.admin.port()).await, 1);
+    let (code, log) = b.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        dir.path()
+            .join(format!("data/keygate-{}.pid", a.admin.port()))
+            .exists(),
+        "b's exit removed a's pid file"
+    );
+    let (code, log) = a.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -130,12 +130,15 @@ pub fn pid_path(config: &Config) -> PathBuf {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    // Instances of a fleet on one machine share no SQLite file but may share this directory:
-    // each names its pid file after its admin port.
+    // Servers on one store (two on one SQLite file, or the instances of a fleet sharing this
+    // directory) each name their pid file after their admin port, which only one of them can
+    // hold: one server's pid file never names another. An admin port of 0 (the OS picks one)
+    // has no stable name; that server uses `keygate.pid`.
     let shared_store = config.store.url.is_some()
         || std::env::var_os("KEYGATE_STORE_URL").is_some_and(|u| !u.is_empty());
-    if shared_store {
-        dir.join(format!("keygate-{}.pid", config.listen.admin.port()))
+    let port = config.listen.admin.port();
+    if port != 0 || shared_store {
+        dir.join(format!("keygate-{port}.pid"))
     } else {
         dir.join("keygate.pid")
     }
