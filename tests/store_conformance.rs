@@ -737,3 +737,52 @@ fn postgres_over_tls_verifies_the_server_certificate() {
     );
     assert!(!err.to_string().contains(pg.password()));
 }
+
+/// A PostgreSQL store of schema version 1 (before key usage and the audit trail) is migrated in
+/// place on open: its keys and secrets stay, usage starts at zero, and the trail starts empty
+/// and chains from there.
+#[test]
+fn postgres_version_1_store_migrates_to_usage_and_the_audit_trail() {
+    let pg = support::postgres::PgServer::shared();
+    let db = TestDb(pg.create_test_database("upgrade"));
+    let settings = PgSettings::from_url(&pg.url(&db.0), None, 2, Duration::from_secs(5)).unwrap();
+    let master = || Arc::new(MasterKey::from_bytes(&[1; 32]));
+    let (rec, org) = {
+        let s = PgStore::open(&settings, master()).unwrap();
+        let org = s.tenant().unwrap().org_id;
+        put(&s, &org, "KEEP", "keep-this-value-1");
+        (key(&s, "old", 1), org)
+    };
+    // Back to version 1, as the release before this one left it.
+    pg.psql(
+        &db.0,
+        "BEGIN; DROP TABLE audit_events; DELETE FROM meta WHERE k = 'audit_head'; \
+         ALTER TABLE api_keys DROP COLUMN last_used, DROP COLUMN request_count, \
+         DROP COLUMN rate_limited_count; DELETE FROM keygate_migrations WHERE version = 2; COMMIT;",
+    );
+    let s = PgStore::open(&settings, master()).unwrap();
+    let k = s.get_api_key(&org, &rec.id).unwrap().unwrap();
+    assert_eq!((k.last_used, k.request_count), (None, 0));
+    assert_eq!(
+        s.ai_secret_value(&org, "KEEP").unwrap().unwrap().1.expose(),
+        "keep-this-value-1"
+    );
+    assert!(s.audit_trail(0, 10).unwrap().is_empty());
+    s.delete_api_key(Some(&org), &rec.id, &keygate::audit::Actor::Keygate)
+        .unwrap();
+    let trail = s.audit_trail(0, 10).unwrap();
+    assert_eq!(trail.len(), 1);
+    assert_eq!(trail[0].seq, 1);
+    let m = MasterKey::from_bytes(&[1; 32]);
+    let mut v = keygate::audit::Verifier::new(&m);
+    v.check(&trail[0]).unwrap();
+    v.finish(s.audit_head().unwrap().as_deref()).unwrap();
+    assert_eq!(
+        pg.psql(
+            &db.0,
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM keygate_migrations"
+        )
+        .trim(),
+        "1,2"
+    );
+}
