@@ -271,15 +271,68 @@ async fn changes_through_any_instance_apply_on_every_other_within_a_second() {
         assert!(took < Duration::from_secs(1), "{name}: took {took:?}");
     }
 
+    // Usage from three instances adds up in the store: a new key used through each (counting
+    // only the requests it authenticated: a 401 before an instance knew the key is no use).
+    let (s, _, v) = admin_call(
+        &client,
+        "POST",
+        &a.admin_url("/v1/api_key"),
+        Some(&admin_key),
+        Some(json!({"name": "usage"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let usage_key = v["key"].as_str().unwrap().to_owned();
+    let usage_id = v["id"].as_str().unwrap().to_owned();
+    let mut used = 0;
+    for (kg, extra) in [(&a, 2), (&b, 3), (&c, 4)] {
+        let mut more = extra;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while more > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the usage key never worked"
+            );
+            let (s, _, _) = send(
+                &client,
+                get(&kg.url("/v1/usage"), &[("x-api-key", &usage_key)]),
+            )
+            .await;
+            if s == StatusCode::CREATED {
+                used += 1;
+                more -= 1;
+            } else {
+                assert_eq!(s, StatusCode::UNAUTHORIZED);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let last_sent = time::OffsetDateTime::now_utc();
+
     let mut logs = Vec::new();
     for kg in [a, b, c] {
         logs.push(kg.terminate().await.1);
     }
+    // Each instance flushed its own at shutdown; the store added them.
+    let row = pg.psql(
+        &db.name,
+        &format!("SELECT request_count, rate_limited_count, last_used FROM api_keys WHERE id = '{usage_id}'"),
+    );
+    let cols: Vec<&str> = row.trim().split('|').collect();
+    assert_eq!(cols[..2], [used.to_string().as_str(), "0"], "{row}");
+    let last_used =
+        time::OffsetDateTime::parse(cols[2], &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert!(
+        last_used <= last_sent && last_sent - last_used < time::Duration::seconds(2),
+        "last_used {last_used} is not the latest request ({last_sent})"
+    );
     assert_no_secrets(
         &logs,
         &[
             &admin_key,
             &key,
+            &usage_key,
             &cli_key,
             SECRET_ONE,
             SECRET_TWO,
