@@ -477,14 +477,8 @@ pub async fn flush_usage(state: &Arc<AppState>) {
     if taken.is_empty() {
         return;
     }
-    let st = state.clone();
-    let (result, taken) = tokio::task::spawn_blocking(move || {
-        let r = st.store.record_usage(&taken);
-        (r, taken)
-    })
-    .await
-    .unwrap_or_else(|e| (Err(StoreError::TaskFailed(e.to_string())), Vec::new()));
-    if let Err(e) = result {
+    let (st, batch) = (state.clone(), taken.clone());
+    if let Err(e) = blocking(move || st.store.record_usage(&batch)).await {
         tracing::warn!(error = %e, keys = taken.len(), "could not write key usage; kept for the next flush");
         state.plane.usage.restore(taken);
     }

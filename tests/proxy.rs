@@ -499,7 +499,6 @@ async fn upstream_failures_map_to_502_and_504() {
 
 #[tokio::test]
 async fn cleartext_http_gets_a_plain_400_and_a_leaked_key_is_flagged() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(&ca, &[("/", &up.url(), "K")], "").await;
@@ -507,14 +506,7 @@ async fn cleartext_http_gets_a_plain_400_and_a_leaked_key_is_flagged() {
         (kg.proxy, kg.key.clone()),
         (kg.admin, "sk-notvalid".to_owned()),
     ] {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET /leak HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {key}\r\n\r\n");
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
-            .await
-            .expect("answered and closed")
-            .unwrap();
+        let answer = cleartext_get(addr, &key).await;
         assert!(
             answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
             "{answer}"

@@ -560,13 +560,15 @@ fn usage_merges_and_the_audit_trail_chains_every_change(open: &Open) {
             });
         }
     });
-    let page = s
-        .audit_events(&keygate::store::AuditQuery {
-            org_id: t.org_id.clone(),
-            page: Page::First,
-            limit: 1000,
+    let events = |org: &str, page: Page, limit: u32| {
+        s.audit_events(&keygate::store::AuditQuery {
+            org_id: org.to_owned(),
+            page,
+            limit,
         })
-        .unwrap();
+        .unwrap()
+    };
+    let page = events(&t.org_id, Page::First, 1000);
     // key a, key b, b deleted, S created, the reload, 40 env vars; newest first.
     assert_eq!(page.len(), 45);
     let seqs: Vec<i64> = page.iter().map(|e| e.seq).collect();
@@ -586,30 +588,12 @@ fn usage_merges_and_the_audit_trail_chains_every_change(open: &Open) {
     assert!(page[..40]
         .iter()
         .all(|e| e.action == "env_var.created" && e.actor == alice));
-    let older = s
-        .audit_events(&keygate::store::AuditQuery {
-            org_id: t.org_id.clone(),
-            page: Page::After(page[9].id.clone()),
-            limit: 5,
-        })
-        .unwrap();
+    let older = events(&t.org_id, Page::After(page[9].id.clone()), 5);
     assert_eq!(older, page[10..15]);
-    let newer = s
-        .audit_events(&keygate::store::AuditQuery {
-            org_id: t.org_id.clone(),
-            page: Page::Before(page[9].id.clone()),
-            limit: 3,
-        })
-        .unwrap();
+    let newer = events(&t.org_id, Page::Before(page[9].id.clone()), 3);
     assert_eq!(newer, page[6..9]);
     // Another org sees the config event only.
-    let other = s
-        .audit_events(&keygate::store::AuditQuery {
-            org_id: "other-org".into(),
-            page: Page::First,
-            limit: 100,
-        })
-        .unwrap();
+    let other = events("other-org", Page::First, 100);
     assert_eq!(other.len(), 1);
 
     let mut v = Verifier::new(&master);

@@ -55,7 +55,7 @@ async fn usage_moves_within_one_flush_interval_and_counts_allowed_and_refused_re
     )
     .await;
     let client = ca.client(false);
-    let (admin, _) = make_key(&kg, Role::Admin);
+    let (admin, admin_id) = make_key(&kg, Role::Admin);
     // A key with a quota of 3 at once and almost no refill: of 10 requests, 3 pass.
     let (master, store) = kg.store();
     let t = store.tenant().unwrap();
@@ -155,16 +155,8 @@ async fn usage_moves_within_one_flush_interval_and_counts_allowed_and_refused_re
     assert_eq!(again["rate_limited_count"], 17, "{again}");
     assert!(parse_time(again["last_used"].as_str().unwrap()) >= last);
     // The admin key's own calls count as its use.
-    let (admin_id, _) = (
-        kg.store()
-            .1
-            .list_api_keys(&keygate::store::ListQuery::all(&t.org_id, 100))
-            .unwrap(),
-        (),
-    );
-    let admin_rec = admin_id.iter().find(|k| k.role == Role::Admin).unwrap();
+    let admin_rec = store.get_api_key(&t.org_id, &admin_id).unwrap().unwrap();
     assert!(admin_rec.request_count >= 1, "{admin_rec:?}");
-    // Usage moves no revision: the key cache was not flushed by it.
     kg.stop().await;
 }
 
@@ -194,10 +186,13 @@ async fn usage_is_not_written_before_the_flush_and_is_written_at_shutdown() {
         "the hot path wrote usage to the store"
     );
     assert_eq!(kg.state().plane.usage.pending_keys(), 1);
-    let dir = kg.dir.path().to_owned();
-    let config_path = kg.config_path.clone();
-    let kg_dir = kg.dir;
-    let running = kg.running;
+    // Stopped, but its directory (the store) kept for reading it afterwards.
+    let Keygate {
+        running,
+        dir: _dir,
+        config_path,
+        ..
+    } = kg;
     running.unwrap().shutdown().await;
     let text = std::fs::read_to_string(&config_path).unwrap();
     let config = keygate::config::Config::parse(&text, "test").unwrap();
@@ -210,7 +205,6 @@ async fn usage_is_not_written_before_the_flush_and_is_written_at_shutdown() {
         revisions.keys,
         "a usage flush counts as no key change"
     );
-    drop((dir, kg_dir));
 }
 
 /// The events after the first `skip` (oldest first) of the trail, as the API lists them.
@@ -605,7 +599,6 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygate_records_its_own_changes_and_a_refused_reload() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = TestCa::new();
     let up = FakeUpstream::start(&ca).await;
     let kg = Keygate::start(
@@ -628,17 +621,7 @@ async fn keygate_records_its_own_changes_and_a_refused_reload() {
     let skip = list["objects"].as_array().unwrap().len();
 
     // The proxy key leaks over cleartext: flagged, then revoked, both by keygate itself.
-    let mut tcp = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
-    let req = format!(
-        "GET /leak HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {}\r\n\r\n",
-        kg.key
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
+    let answer = cleartext_get(kg.proxy, &kg.key).await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let got = loop {

@@ -31,13 +31,11 @@ pub async fn handle(
     if req.method() != Method::GET {
         return Err(AdminError::MethodNotAllowed("GET, OPTIONS"));
     }
-    let p = Params::parse(req.uri().query(), LIST_PARAMS)?;
-    let org = ctx.principal.org_id().to_owned();
-    let q = p.list_query(&org, "")?;
+    let (page, limit) = Params::parse(req.uri().query(), LIST_PARAMS)?.page()?;
     let q = AuditQuery {
-        org_id: q.org_id,
-        page: q.page,
-        limit: q.limit,
+        org_id: ctx.principal.org_id().to_owned(),
+        page,
+        limit,
     };
     let events = ctx.store(move |s| s.store.audit_events(&q)).await?;
     Ok(ok(json!({

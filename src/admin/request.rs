@@ -63,6 +63,24 @@ impl Params {
 
     /// The common list parameters (`limit`, cursors, `ids`, a name filter) for `org_id`.
     pub fn list_query(&self, org_id: &str, name_param: &str) -> Result<ListQuery, AdminError> {
+        let (page, limit) = self.page()?;
+        let ids = self
+            .many("ids")
+            .iter()
+            .map(|v| uuid_param("ids", v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = self.one(name_param)?.map(str::to_owned);
+        Ok(ListQuery {
+            org_id: org_id.to_owned(),
+            ids,
+            name,
+            page,
+            limit,
+        })
+    }
+
+    /// Where a page starts (`starting_after`, `ending_before`) and how long it is (`limit`).
+    pub fn page(&self) -> Result<(Page, u32), AdminError> {
         let limit = match self.one("limit")? {
             None => MAX_PAGE,
             Some(v) => v
@@ -91,19 +109,7 @@ impl Params {
             (None, Some(b)) => Page::Before(b),
             (None, None) => Page::First,
         };
-        let ids = self
-            .many("ids")
-            .iter()
-            .map(|v| uuid_param("ids", v))
-            .collect::<Result<Vec<_>, _>>()?;
-        let name = self.one(name_param)?.map(str::to_owned);
-        Ok(ListQuery {
-            org_id: org_id.to_owned(),
-            ids,
-            name,
-            page,
-            limit,
-        })
+        Ok((page, limit))
     }
 }
 

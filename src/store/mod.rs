@@ -579,21 +579,9 @@ pub fn issue_key(
     opts: KeyOptions,
     by: &Actor,
 ) -> Result<(Secret, ApiKeyRecord), StoreError> {
-    let key = master.generate_key()?;
-    let rec = store.create_api_key(
-        NewApiKey {
-            org_id: owner.0.to_owned(),
-            user_id: owner.1.to_owned(),
-            name: name.to_owned(),
-            role: opts.role,
-            digest: master.digest(key.expose()),
-            preview_name: crate::crypto::key_preview(&key),
-            routes: opts.routes,
-            limit: opts.limit,
-        },
-        by,
-    )?;
-    Ok((key, rec))
+    issue_keys(store, master, owner, name, opts, 1, by)?
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("a created key vanished".into()))
 }
 
 /// Mints the first admin key when the store holds no key at all; `None` when it has keys.

@@ -813,3 +813,18 @@ pub async fn admin_call(
     };
     (status, headers, v)
 }
+
+/// A plain-HTTP `GET /leak` carrying `key` in `x-api-key`, sent to a TLS port at `addr`; the
+/// whole answer, read until keygate closes the connection (at most 5 s).
+pub async fn cleartext_get(addr: SocketAddr, key: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /leak HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {key}\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    answer
+}
