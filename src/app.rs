@@ -303,11 +303,7 @@ impl AppState {
         let store = self.store.clone();
         let id = principal.key_id();
         let result = tokio::task::spawn_blocking(move || {
-            store.flag_exposed(&id)?;
-            if revoke {
-                // keygate as the actor: the audit trail records a revocation for cleartext.
-                store.delete_api_key(None, &id, &crate::audit::Actor::Keygate)?;
-            }
+            store.flag_exposed(&id, revoke)?;
             store.revisions()
         })
         .await;

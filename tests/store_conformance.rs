@@ -66,8 +66,10 @@ fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
     assert_eq!(rev, r1.keys, "the lookup reports the revision it read at");
     assert!(s.principal_by_digest(&[8; 32]).unwrap().0.is_none());
 
-    // Stamping `exposed` changes nothing the data plane uses: no cache flush fleet-wide.
-    s.flag_exposed(&rec.id).unwrap();
+    // Stamping `exposed` changes nothing the data plane uses: no cache flush fleet-wide. The
+    // event is written the first time only.
+    s.flag_exposed(&rec.id, false).unwrap();
+    s.flag_exposed(&rec.id, false).unwrap();
     let got = s.get_api_key(&t.org_id, &rec.id).unwrap().unwrap();
     assert!(got.exposed.is_some());
     assert_eq!(
@@ -75,6 +77,45 @@ fn keys_round_trip_and_only_data_plane_changes_move_revisions(open: &Open) {
         r1.keys,
         "flag_exposed moved the keys revision"
     );
+    let actions = |s: &dyn keygate::store::Store| -> Vec<(String, String)> {
+        let trail = s.audit_trail(0, 100).unwrap();
+        trail.into_iter().map(|e| (e.action, e.object_id)).collect()
+    };
+    assert_eq!(
+        actions(s.as_ref()),
+        [
+            ("key.created".to_owned(), rec.id.clone()),
+            ("key.flagged_exposed".to_owned(), rec.id.clone())
+        ]
+    );
+    // Revoking for cleartext flags and deletes in one step, with both events by keygate.
+    let leaked = key(s.as_ref(), "leaked", 7);
+    let r_leak = s.revisions().unwrap();
+    s.flag_exposed(&leaked.id, true).unwrap();
+    assert!(s.get_api_key(&t.org_id, &leaked.id).unwrap().is_none());
+    assert!(s.principal_by_digest(&[7; 32]).unwrap().0.is_none());
+    assert!(s.revisions().unwrap().keys > r_leak.keys);
+    let trail = s.audit_trail(0, 100).unwrap();
+    let tail: Vec<(&str, &str, &keygate::audit::Actor)> = trail[trail.len() - 2..]
+        .iter()
+        .map(|e| (e.action.as_str(), e.object_id.as_str(), &e.actor))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (
+                "key.flagged_exposed",
+                leaked.id.as_str(),
+                &keygate::audit::Actor::Keygate
+            ),
+            (
+                "key.revoked_cleartext",
+                leaked.id.as_str(),
+                &keygate::audit::Actor::Keygate
+            )
+        ]
+    );
+    let r1 = s.revisions().unwrap();
 
     // A quota change does.
     let limit = keygate::config::LimitSpec::new(2.5, 7);

@@ -254,12 +254,12 @@ pub fn env_event(by: &Actor, action: &'static str, e: &EnvVarRecord) -> NewEvent
     NewEvent::change(by, &e.org_id, action, "env_var", &e.id, &e.name)
 }
 
-/// What deleting a key is: keygate itself deletes keys only to revoke them for cleartext.
-pub fn deleted_action(by: &Actor) -> &'static str {
-    match by {
-        Actor::Keygate => action::KEY_REVOKED,
-        _ => action::KEY_DELETED,
-    }
+/// The events of finding key `k` sent over cleartext, by keygate: flagged (the first time only)
+/// and, with `revoke`, revoked.
+pub fn exposed_events(k: &ApiKeyRecord, first: bool, revoke: bool) -> Vec<NewEvent> {
+    let flagged = first.then(|| key_event(&Actor::Keygate, action::KEY_EXPOSED, k));
+    let revoked = revoke.then(|| key_event(&Actor::Keygate, action::KEY_REVOKED, k));
+    flagged.into_iter().chain(revoked).collect()
 }
 
 /// What a write of an existing ai_secret is: PUT replaces it, the CLI's `secrets put` sets

@@ -436,8 +436,7 @@ pub trait Store: KeyLookup {
         limit: Option<LimitSpec>,
         by: &Actor,
     ) -> Result<Option<ApiKeyRecord>, StoreError>;
-    /// Deletes a key (of `org_id` when given); `None` when there was none. Deleted by keygate
-    /// itself, the key was revoked for being sent over cleartext, and the event says so.
+    /// Deletes a key (of `org_id` when given); `None` when there was none.
     fn delete_api_key(
         &self,
         org_id: Option<&str>,
@@ -447,8 +446,10 @@ pub trait Store: KeyLookup {
     /// The number of keys.
     fn count_api_keys(&self) -> Result<u64, StoreError>;
     /// Marks a key as seen in cleartext (keeps the first time it was; the audit event, by
-    /// keygate, is written the first time only).
-    fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError>;
+    /// keygate, is written the first time only) and, with `revoke`, deletes it in the same
+    /// transaction with a "revoked for cleartext" event: a crash between the two cannot leave an
+    /// exposed key that was meant to be revoked, nor a revocation without its flag.
+    fn flag_exposed(&self, key_id: &str, revoke: bool) -> Result<(), StoreError>;
     /// Merges flushed usage into the keys (latest time wins, counts add); keys deleted
     /// meanwhile are skipped. Moves no revision: nothing the data plane uses changes.
     fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;

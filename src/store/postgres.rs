@@ -29,7 +29,7 @@ use tokio_postgres::{AsyncMessage, Client, GenericClient, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::common::{
-    cursor_of_deleted, deleted_action, env_event, fingerprint_missing, key_event, key_uid,
+    cursor_of_deleted, env_event, exposed_events, fingerprint_missing, key_event, key_uid,
     limit_columns, limit_from, metadata_from, metadata_text, name_taken, new_id, now_rfc3339,
     page_order, patched_secret, plan_secret_write, routes_from, routes_text, secret_event,
     secret_write_action, NewTenant, Planned, Sealed, Sealer,
@@ -1134,7 +1134,7 @@ impl Store for PgStore {
             if let Some(k) = &rec {
                 tx.execute("DELETE FROM api_keys WHERE id = $1", &[&id])
                     .await?;
-                append_events(tx, &master, [key_event(by, deleted_action(by), k)]).await?;
+                append_events(tx, &master, [key_event(by, action::KEY_DELETED, k)]).await?;
             }
             Ok(rec)
         })
@@ -1151,7 +1151,7 @@ impl Store for PgStore {
         })
     }
 
-    fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError> {
+    fn flag_exposed(&self, key_id: &str, revoke: bool) -> Result<(), StoreError> {
         let master = self.sealer.0.clone();
         in_tx!(self, |tx| {
             let n = tx
@@ -1160,18 +1160,20 @@ impl Store for PgStore {
                     &[&key_id, &now_rfc3339()],
                 )
                 .await?;
-            if n > 0 {
-                let rec = one(
-                    tx,
-                    &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
-                    &[&key_id],
-                    key_from_row,
-                )
-                .await?;
-                if let Some(k) = &rec {
-                    let ev = key_event(&Actor::Keygate, action::KEY_EXPOSED, k);
-                    append_events(tx, &master, [ev]).await?;
+            let rec = one(
+                tx,
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
+                &[&key_id],
+                key_from_row,
+            )
+            .await?;
+            if let Some(k) = &rec {
+                let events = exposed_events(k, n > 0, revoke);
+                if revoke {
+                    tx.execute("DELETE FROM api_keys WHERE id = $1", &[&key_id])
+                        .await?;
                 }
+                append_events(tx, &master, events).await?;
             }
             Ok(())
         })

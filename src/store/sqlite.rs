@@ -14,7 +14,7 @@ use rusqlite::{
 };
 
 use super::common::{
-    cursor_of_deleted, deleted_action, env_event, fingerprint_missing, key_event, key_uid,
+    cursor_of_deleted, env_event, exposed_events, fingerprint_missing, key_event, key_uid,
     limit_columns, limit_from, metadata_from, metadata_text, name_taken, new_id, now_rfc3339,
     page_order, patched_secret, plan_secret_write, routes_from, routes_text, secret_event,
     secret_write_action, NewTenant, Planned, Sealed, Sealer,
@@ -723,7 +723,7 @@ impl Store for SqliteStore {
         )?;
         if let Some(k) = &rec {
             tx.execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
-            append_events(&tx, &self.sealer.0, [key_event(by, deleted_action(by), k)])?;
+            append_events(&tx, &self.sealer.0, [key_event(by, action::KEY_DELETED, k)])?;
         }
         tx.commit()?;
         Ok(rec)
@@ -736,26 +736,25 @@ impl Store for SqliteStore {
         Ok(n.max(0) as u64)
     }
 
-    fn flag_exposed(&self, key_id: &str) -> Result<(), StoreError> {
+    fn flag_exposed(&self, key_id: &str, revoke: bool) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = immediate(&mut conn)?;
         let n = tx.execute(
             "UPDATE api_keys SET exposed = ?2 WHERE id = ?1 AND exposed IS NULL",
             params![key_id, now_rfc3339()],
         )?;
-        if n > 0 {
-            if let Some(k) = one(
-                &tx,
-                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-                [key_id],
-                key_from_row,
-            )? {
-                append_events(
-                    &tx,
-                    &self.sealer.0,
-                    [key_event(&Actor::Keygate, action::KEY_EXPOSED, &k)],
-                )?;
+        let rec = one(
+            &tx,
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+            [key_id],
+            key_from_row,
+        )?;
+        if let Some(k) = &rec {
+            let events = exposed_events(k, n > 0, revoke);
+            if revoke {
+                tx.execute("DELETE FROM api_keys WHERE id = ?1", [key_id])?;
             }
+            append_events(&tx, &self.sealer.0, events)?;
         }
         tx.commit()?;
         Ok(())
@@ -1343,7 +1342,7 @@ mod tests {
             )
             .unwrap();
         let before = s.revisions().unwrap().keys;
-        s.flag_exposed(&rec.id).unwrap();
+        s.flag_exposed(&rec.id, false).unwrap();
         s.record_usage(&[crate::store::KeyUsage {
             key_id: rec.id.clone(),
             last_used_ms: 1,
