@@ -45,13 +45,17 @@ impl Actor {
         }
     }
 
-    /// The command line, as the OS user running it (`$USER`, `$LOGNAME`, else `uid N`).
+    /// The command line, as the OS user running it: the passwd name of the real uid, else
+    /// `uid N`. Not `$USER`, which any caller sets to what it likes and cron and systemd leave
+    /// unset.
     pub fn cli() -> Actor {
-        let user = ["USER", "LOGNAME"]
-            .iter()
-            .filter_map(|v| std::env::var(v).ok())
-            .find(|u| !u.is_empty() && u.len() <= 64 && !u.chars().any(char::is_control))
-            .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()));
+        let uid = nix::unistd::getuid();
+        let user = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .filter(|u| !u.is_empty() && u.len() <= 64 && !u.chars().any(char::is_control))
+            .unwrap_or_else(|| format!("uid {uid}"));
         Actor::Cli { user }
     }
 

@@ -450,7 +450,18 @@ async fn kg_cli(
     args: &[&str],
     stdin: &[u8],
 ) -> (Option<i32>, String, String) {
-    cli(dir, args, stdin, &[("USER", "alice")]).await
+    cli(dir, args, stdin, &[("USER", "alice"), ("LOGNAME", "alice")]).await
+}
+
+/// The OS's name for the user running the tests, as `id -un` gives it: what the trail names for
+/// the CLI, whatever `$USER` says.
+fn os_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,14 +551,17 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
             ("key.deleted", "ci"),
         ]
     );
+    // `$USER` and `$LOGNAME` were set to alice: the trail names the OS's user instead.
+    let me = os_user();
+    assert_ne!(me, "alice");
     for e in &events {
-        assert_eq!(e["actor"], json!({"type": "cli", "user": "alice"}), "{e}");
+        assert_eq!(e["actor"], json!({"type": "cli", "user": me}), "{e}");
     }
     assert!(!out.contains("sk-cli-secret") && !out.contains(&new_key[..new_key.len() - 4]));
     let (code, table, _) = kg_cli(d, &["audit", "list"], b"").await;
     assert_eq!(code, Some(0));
     assert!(
-        table.contains("cli (alice)") && table.contains("secret.deleted"),
+        table.contains(&format!("cli ({me})")) && table.contains("secret.deleted"),
         "{table}"
     );
 
