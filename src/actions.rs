@@ -247,10 +247,11 @@ pub fn audit_table(events: &[crate::audit::Event]) -> String {
 pub fn verify_audit(
     store: &dyn Store,
     master: &MasterKey,
-) -> Result<Result<(i64, Option<String>), crate::audit::Broken>, ActionError> {
+    expect: Option<&crate::audit::Mark>,
+) -> Result<Result<(i64, Option<crate::audit::Mark>), crate::audit::Broken>, ActionError> {
     let mut v = crate::audit::Verifier::new(master);
     let mut after = 0;
-    let mut last_mac = None;
+    let mut head = None;
     loop {
         let page = store.audit_trail(after, 1000)?;
         let Some(last) = page.last() else { break };
@@ -259,19 +260,24 @@ pub fn verify_audit(
             if let Err(b) = v.check(e) {
                 return Ok(Err(b));
             }
+            if let Some(Err(b)) = expect.filter(|m| m.seq == e.seq).map(|m| m.check(e)) {
+                return Ok(Err(b));
+            }
         }
-        last_mac = Some(
-            last.mac
-                .iter()
-                .take(8)
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        );
+        head = Some(crate::audit::Mark::of(last.seq, &last.mac));
     }
     if let Err(b) = v.finish(store.audit_head()?.as_deref()) {
         return Ok(Err(b));
     }
-    Ok(Ok((v.checked(), last_mac)))
+    if let Some(m) = expect.filter(|m| m.seq > v.checked()) {
+        return Ok(Err(crate::audit::Broken(format!(
+            "the trail ends at #{}, before #{} noted as {m}: it was rolled back to an older \
+             copy, or the mark is from another store",
+            v.checked(),
+            m.seq
+        ))));
+    }
+    Ok(Ok((v.checked(), head)))
 }
 
 /// The secret table `secrets list` prints (previews only).

@@ -261,6 +261,68 @@ fn head_canonical(seq_and_mac: &[u8]) -> Vec<u8> {
 #[error("{0}")]
 pub struct Broken(pub String);
 
+/// A point of the trail noted elsewhere: an event's number and a prefix of its MAC, written
+/// `SEQ:HEX` as `keygate audit verify` prints it. A later check that no longer has this event
+/// with this MAC finds a rollback or a rewrite the chain alone cannot show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: i64,
+    pub mac_prefix: Vec<u8>,
+}
+
+impl Mark {
+    /// The mark of event `seq` with MAC `mac` (its first 8 bytes).
+    pub fn of(seq: i64, mac: &[u8]) -> Mark {
+        Mark {
+            seq,
+            mac_prefix: mac.iter().take(8).copied().collect(),
+        }
+    }
+
+    /// Where `ev` (the event of this mark's number) differs from the mark, if it does.
+    pub fn check(&self, ev: &Event) -> Result<(), Broken> {
+        if ev.mac.starts_with(&self.mac_prefix) {
+            return Ok(());
+        }
+        Err(Broken(format!(
+            "event #{} ({}) is not the one noted as {self}: the trail was rewritten from there \
+             or before, or replaced by another (or the mark is from another store)",
+            ev.seq, ev.id
+        )))
+    }
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:", self.seq)?;
+        self.mac_prefix
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::str::FromStr for Mark {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mark, String> {
+        const FORM: &str =
+            "expected SEQ:HEX as `keygate audit verify` prints it, e.g. 42:5f0c1a2b3c4d5e6f";
+        let (seq, hex) = s.split_once(':').ok_or(FORM)?;
+        let seq: i64 = seq.parse().map_err(|_| FORM)?;
+        let ok_hex = hex.len() % 2 == 0
+            && (8..=64).contains(&hex.len())
+            && hex.bytes().all(|c| c.is_ascii_hexdigit());
+        if seq < 1 || !ok_hex {
+            return Err(FORM.into());
+        }
+        let mac_prefix = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| FORM.to_owned()))
+            .collect::<Result<_, _>>()?;
+        Ok(Mark { seq, mac_prefix })
+    }
+}
+
 /// Checks a trail event by event, oldest first.
 pub struct Verifier<'a> {
     master: &'a MasterKey,

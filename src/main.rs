@@ -216,21 +216,27 @@ fn confirm_key_delete(
 fn audit(config: &Config, cmd: AuditCommand) -> Result<ExitCode, CliError> {
     let (master, store) = keygate::app::open_store(config, master_env())?;
     match cmd {
-        AuditCommand::Verify => match actions::verify_audit(store.as_ref(), &master)? {
-            Ok((n, head)) => {
-                match head {
-                    Some(mac) => eprintln!(
-                        "audit trail OK: {n} events, each chained to the one before; the last is #{n}, MAC {mac}… (note it elsewhere: a later check that ends earlier or elsewhere means a rollback)"
+        AuditCommand::Verify { expect } => {
+            match actions::verify_audit(store.as_ref(), &master, expect.as_ref())? {
+                Ok((n, head)) => {
+                    match head {
+                    Some(mark) => eprintln!(
+                        "audit trail OK: {n} event{}, each chained to the one before{}; the last is #{n}, mark {mark}\n\
+                         (keep the mark elsewhere and check with `keygate audit verify --expect {mark}` later: \
+                         that catches a rollback to an older copy of the trail)",
+                        if n == 1 { "" } else { "s" },
+                        expect.map_or_else(String::new, |m| format!(", #{} as noted ({m})", m.seq))
                     ),
                     None => eprintln!("audit trail OK: no events yet"),
                 }
-                Ok(ExitCode::SUCCESS)
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    eprintln!("keygate: audit trail BROKEN: {broken}");
+                    Ok(ExitCode::from(2))
+                }
             }
-            Err(broken) => {
-                eprintln!("keygate: audit trail BROKEN: {broken}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        }
         AuditCommand::List { json, limit } => {
             let t = store.tenant()?;
             let events = store.audit_events(&keygate::store::AuditQuery {

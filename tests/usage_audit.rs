@@ -439,7 +439,7 @@ async fn every_admin_api_change_leaves_one_event_naming_the_admin_key() {
 
     // The chain verifies.
     let (master, store) = kg.store();
-    let verdict = keygate::actions::verify_audit(store.as_ref(), &master).unwrap();
+    let verdict = keygate::actions::verify_audit(store.as_ref(), &master, None).unwrap();
     assert_eq!(verdict.map(|v| v.0), Ok(paged.len() as i64));
     kg.stop().await;
 }
@@ -609,6 +609,95 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
     let (code, err) = verify().await;
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("BROKEN: event #5 "), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_with_a_noted_mark_catches_a_rollback_and_a_replaced_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let verify = |expect: Option<String>| async move {
+        let mut args = vec!["audit".to_owned(), "verify".to_owned()];
+        args.extend(expect.map(|m| format!("--expect={m}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = kg_cli(d, &args, b"").await;
+        (code, err)
+    };
+    // The mark `verify` prints: "mark SEQ:HEX".
+    let mark = |err: &str| -> String {
+        let at = err
+            .find(" mark ")
+            .unwrap_or_else(|| panic!("no mark in {err}"));
+        err[at + 6..].split_whitespace().next().unwrap().to_owned()
+    };
+    let create = |name: &'static str| async move {
+        let (code, _, err) = kg_cli(d, &["keys", "create", "--name", name], b"").await;
+        assert_eq!(code, Some(0), "{err}");
+    };
+
+    create("one").await;
+    let (code, err) = verify(None).await;
+    assert_eq!(code, Some(0), "{err}");
+    let first = mark(&err);
+    let db_path = d.join("data/keygate.db");
+    let old_copy = d.join("old.db");
+    rusqlite::Connection::open(&db_path)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [old_copy.to_str().unwrap()])
+        .unwrap();
+
+    create("two").await;
+    let (code, err) = verify(None).await;
+    assert_eq!(code, Some(0), "{err}");
+    let second = mark(&err);
+    assert_ne!(first, second);
+    let (code, err) = verify(Some(first.clone())).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "an earlier mark still fits a longer trail: {err}"
+    );
+    assert!(err.contains("as noted"), "{err}");
+
+    // A wrong MAC for a number the trail has: not the trail that was noted.
+    let (seq, hex) = first.split_once(':').unwrap();
+    let flipped: String = hex
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 0 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    let (code, err) = verify(Some(format!("{seq}:{flipped}"))).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("event #{seq} ")) && err.contains("not the one noted"),
+        "{err}"
+    );
+
+    // The whole database put back as it was before "two": the chain and its head record are
+    // consistent, so a plain verify passes; the mark taken after "two" does not.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(d.join(format!("data/keygate.db{suffix}")));
+    }
+    std::fs::copy(&old_copy, &db_path).unwrap();
+    let (code, err) = verify(None).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = verify(Some(second.clone())).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+
+    // A malformed mark is refused before anything is read, saying what it should look like.
+    let (code, err) = verify(Some("42".into())).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("SEQ:HEX"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

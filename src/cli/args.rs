@@ -126,7 +126,12 @@ pub enum KeysCommand {
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Check the whole trail's MAC chain; names the first event that does not fit.
-    Verify,
+    Verify {
+        /// A mark an earlier `verify` printed (SEQ:HEX): the trail must still have that event
+        /// with that MAC, which catches a rollback to an older copy of the whole trail.
+        #[arg(long, value_name = "SEQ:HEX")]
+        expect: Option<crate::audit::Mark>,
+    },
     /// Print the trail, newest first.
     List {
         /// JSON lines instead of a table.
