@@ -218,24 +218,24 @@ fn audit(config: &Config, cmd: AuditCommand) -> Result<ExitCode, CliError> {
     match cmd {
         AuditCommand::Verify { expect } => {
             match actions::verify_audit(store.as_ref(), &master, expect.as_ref())? {
-                Ok((n, head)) => {
-                    match head {
-                    Some(mark) => eprintln!(
-                        "audit trail OK: {n} event{}, each chained to the one before{}; the last is #{n}, mark {mark}\n\
-                         (keep the mark elsewhere and check with `keygate audit verify --expect {mark}` later: \
-                         that catches a rollback to an older copy of the trail)",
-                        if n == 1 { "" } else { "s" },
-                        expect.map_or_else(String::new, |m| format!(", #{} as noted ({m})", m.seq))
-                    ),
-                    None => eprintln!("audit trail OK: no events yet"),
-                }
-                    Ok(ExitCode::SUCCESS)
+                Ok((_, None)) => eprintln!("audit trail OK: no events yet"),
+                Ok((n, Some(mark))) => {
+                    let noted =
+                        expect.map_or_else(String::new, |m| format!(", #{} as noted ({m})", m.seq));
+                    let events = if n == 1 { "event" } else { "events" };
+                    eprintln!(
+                        "audit trail OK: {n} {events}, each chained to the one before{noted}; \
+                         the last is #{n}, mark {mark}\n(keep the mark elsewhere and check with \
+                         `keygate audit verify --expect {mark}` later: that catches a rollback \
+                         to an older copy of the trail)"
+                    );
                 }
                 Err(broken) => {
                     eprintln!("keygate: audit trail BROKEN: {broken}");
-                    Ok(ExitCode::from(2))
+                    return Ok(ExitCode::from(2));
                 }
             }
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::List { json, limit } => {
             let t = store.tenant()?;
