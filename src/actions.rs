@@ -242,8 +242,9 @@ pub fn audit_table(events: &[crate::audit::Event]) -> String {
     out
 }
 
-/// Checks the whole audit trail, oldest first, a page at a time. `Ok`: how many events there
-/// are, and the head (last number and MAC prefix) to note elsewhere against a rollback.
+/// Checks the whole audit trail, oldest first, a page at a time, and `expect` (a mark noted
+/// earlier) against it. `Ok`: how many events there are, and the mark of the last one to keep
+/// elsewhere against a rollback.
 pub fn verify_audit(
     store: &dyn Store,
     master: &MasterKey,
@@ -260,8 +261,10 @@ pub fn verify_audit(
             if let Err(b) = v.check(e) {
                 return Ok(Err(b));
             }
-            if let Some(Err(b)) = expect.filter(|m| m.seq == e.seq).map(|m| m.check(e)) {
-                return Ok(Err(b));
+            if let Some(m) = expect.filter(|m| m.seq == e.seq) {
+                if let Err(b) = m.check(e) {
+                    return Ok(Err(b));
+                }
             }
         }
         head = Some(crate::audit::Mark::of(last.seq, &last.mac));

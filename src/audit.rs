@@ -8,8 +8,8 @@
 //! events off the end shows too. Someone who can write to the database but does not hold the
 //! master key cannot edit, delete, insert or reorder events without [`Verifier`] naming the
 //! first one that does not fit. What remains possible for them: putting back a whole older
-//! copy of the trail and of its head record (a rollback), which only an outside copy of the
-//! head, such as the one `keygate audit verify` prints, can reveal.
+//! copy of the trail and of its head record (a rollback), which only a [`Mark`] kept outside
+//! the database reveals (`keygate audit verify` prints one and checks it with `--expect`).
 //!
 //! An event never holds a key, a secret or an env var value, nor a prefix of one: the actor
 //! is named by key id and preview (the preview is what every list shows already).
@@ -294,10 +294,12 @@ impl Mark {
 
 impl std::fmt::Display for Mark {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:", self.seq)?;
-        self.mac_prefix
-            .iter()
-            .try_for_each(|b| write!(f, "{b:02x}"))
+        write!(
+            f,
+            "{}:{}",
+            self.seq,
+            *crate::crypto::encode_hex(&self.mac_prefix)
+        )
     }
 }
 
@@ -309,17 +311,13 @@ impl std::str::FromStr for Mark {
             "expected SEQ:HEX as `keygate audit verify` prints it, e.g. 42:5f0c1a2b3c4d5e6f";
         let (seq, hex) = s.split_once(':').ok_or(FORM)?;
         let seq: i64 = seq.parse().map_err(|_| FORM)?;
-        let ok_hex = hex.len() % 2 == 0
-            && (8..=64).contains(&hex.len())
-            && hex.bytes().all(|c| c.is_ascii_hexdigit());
-        if seq < 1 || !ok_hex {
-            return Err(FORM.into());
-        }
-        let mac_prefix = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| FORM.to_owned()))
-            .collect::<Result<_, _>>()?;
-        Ok(Mark { seq, mac_prefix })
+        let mac_prefix = crate::crypto::decode_hex(hex)
+            .filter(|b| seq >= 1 && (4..=32).contains(&b.len()))
+            .ok_or(FORM)?;
+        Ok(Mark {
+            seq,
+            mac_prefix: mac_prefix.to_vec(),
+        })
     }
 }
 

@@ -256,20 +256,30 @@ fn derive32(prk: &hkdf::Prk, info: &[u8]) -> Zeroizing<[u8; 32]> {
 }
 
 fn decode_hex32(text: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let bytes = decode_hex(text).filter(|b| b.len() == 32)?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(&bytes);
+    Some(out)
+}
+
+/// Hex (either case) to bytes; `None` for an odd length or a non-hex digit. Zeroized on drop:
+/// it also reads master keys.
+pub(crate) fn decode_hex(text: &str) -> Option<Zeroizing<Vec<u8>>> {
     let bytes = text.as_bytes();
-    if bytes.len() != 64 {
+    if bytes.len() % 2 != 0 {
         return None;
     }
-    let mut out = Zeroizing::new([0u8; 32]);
-    for (i, pair) in bytes.chunks(2).enumerate() {
+    let mut out = Zeroizing::new(Vec::with_capacity(bytes.len() / 2));
+    for pair in bytes.chunks(2) {
         let hi = (pair[0] as char).to_digit(16)?;
         let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
+        out.push((hi * 16 + lo) as u8);
     }
     Some(out)
 }
 
-fn encode_hex(bytes: &[u8]) -> Zeroizing<String> {
+/// Bytes to lowercase hex (zeroized on drop: it also writes master keys).
+pub(crate) fn encode_hex(bytes: &[u8]) -> Zeroizing<String> {
     let mut s = Zeroizing::new(String::with_capacity(bytes.len() * 2));
     for b in bytes {
         s.push_str(&format!("{b:02x}"));

@@ -464,6 +464,17 @@ fn os_user() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// `keygate audit verify [--expect MARK]` on the store of `dir`: its stderr, once its exit code
+/// is checked to be `code`.
+async fn audit_verify(dir: &std::path::Path, expect: Option<&str>, code: i32) -> String {
+    let expect = expect.map(|m| format!("--expect={m}"));
+    let mut args = vec!["audit", "verify"];
+    args.extend(expect.as_deref());
+    let (got, _, err) = kg_cli(dir, &args, b"").await;
+    assert_eq!(got, Some(code), "{err}");
+    err
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_events() {
     let dir = tempfile::tempdir().unwrap();
@@ -565,49 +576,39 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
         "{table}"
     );
 
-    let verify = || async {
-        let (code, _, err) = kg_cli(d, &["audit", "verify"], b"").await;
-        (code, err)
-    };
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(0), "{err}");
+    let err = audit_verify(d, None, 0).await;
     assert!(err.contains("audit trail OK: 5 events"), "{err}");
 
     let db = rusqlite::Connection::open(d.join("data/keygate.db")).unwrap();
     let sql = |s: &str| db.execute_batch(s).unwrap();
     // An edit.
     sql("UPDATE audit_events SET object_name = 'innocent' WHERE seq = 3");
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, None, 2).await;
     assert!(
         err.contains("BROKEN: event #3 ") && err.contains("does not match its MAC"),
         "{err}"
     );
     sql("UPDATE audit_events SET object_name = 'OPENAI' WHERE seq = 3");
-    assert_eq!(verify().await.0, Some(0));
+    audit_verify(d, None, 0).await;
     // A deletion in the middle.
     sql("CREATE TABLE saved AS SELECT * FROM audit_events WHERE seq = 4; DELETE FROM audit_events WHERE seq = 4");
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, None, 2).await;
     assert!(err.contains("#4 is missing"), "{err}");
     sql("INSERT INTO audit_events SELECT * FROM saved; DROP TABLE saved");
-    assert_eq!(verify().await.0, Some(0));
+    audit_verify(d, None, 0).await;
     // A reordering: events 4 and 5 swap places.
     sql("UPDATE audit_events SET seq = -5 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = -5");
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, None, 2).await;
     assert!(err.contains("BROKEN: event #4 "), "{err}");
     sql("UPDATE audit_events SET seq = -5 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = -5");
-    assert_eq!(verify().await.0, Some(0));
+    audit_verify(d, None, 0).await;
     // The newest event cut off the end.
     sql("DELETE FROM audit_events WHERE seq = 5");
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, None, 2).await;
     assert!(err.contains("head record says #5"), "{err}");
     // An event forged without the master key in its place: a plausible row, a made-up MAC.
     sql("INSERT INTO audit_events SELECT 5, 'f0000000-0000-7000-8000-000000000000', created, org_id, 'cli', '', 'alice', 'key.created', 'api_key', object_id, 'ci', 'ok', mac FROM audit_events WHERE seq = 4");
-    let (code, err) = verify().await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, None, 2).await;
     assert!(err.contains("BROKEN: event #5 "), "{err}");
 }
 
@@ -615,13 +616,6 @@ async fn cli_changes_are_recorded_and_verify_names_edited_deleted_and_reordered_
 async fn verify_with_a_noted_mark_catches_a_rollback_and_a_replaced_trail() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let verify = |expect: Option<String>| async move {
-        let mut args = vec!["audit".to_owned(), "verify".to_owned()];
-        args.extend(expect.map(|m| format!("--expect={m}")));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = kg_cli(d, &args, b"").await;
-        (code, err)
-    };
     // The mark `verify` prints: "mark SEQ:HEX".
     let mark = |err: &str| -> String {
         let at = err
@@ -635,9 +629,7 @@ async fn verify_with_a_noted_mark_catches_a_rollback_and_a_replaced_trail() {
     };
 
     create("one").await;
-    let (code, err) = verify(None).await;
-    assert_eq!(code, Some(0), "{err}");
-    let first = mark(&err);
+    let first = mark(&audit_verify(d, None, 0).await);
     let db_path = d.join("data/keygate.db");
     let old_copy = d.join("old.db");
     rusqlite::Connection::open(&db_path)
@@ -646,37 +638,20 @@ async fn verify_with_a_noted_mark_catches_a_rollback_and_a_replaced_trail() {
         .unwrap();
 
     create("two").await;
-    let (code, err) = verify(None).await;
-    assert_eq!(code, Some(0), "{err}");
-    let second = mark(&err);
+    let second = mark(&audit_verify(d, None, 0).await);
     assert_ne!(first, second);
-    let (code, err) = verify(Some(first.clone())).await;
-    assert_eq!(
-        code,
-        Some(0),
-        "an earlier mark still fits a longer trail: {err}"
-    );
+    // An earlier mark still fits a longer trail.
+    let err = audit_verify(d, Some(&first), 0).await;
     assert!(err.contains("as noted"), "{err}");
 
     // A wrong MAC for a number the trail has: not the trail that was noted.
     let (seq, hex) = first.split_once(':').unwrap();
-    let flipped: String = hex
-        .chars()
-        .enumerate()
-        .map(|(i, c)| {
-            if i == 0 {
-                if c == '0' {
-                    '1'
-                } else {
-                    '0'
-                }
-            } else {
-                c
-            }
-        })
-        .collect();
-    let (code, err) = verify(Some(format!("{seq}:{flipped}"))).await;
-    assert_eq!(code, Some(2), "{err}");
+    let flipped = format!(
+        "{}{}",
+        if hex.starts_with('0') { '1' } else { '0' },
+        &hex[1..]
+    );
+    let err = audit_verify(d, Some(&format!("{seq}:{flipped}")), 2).await;
     assert!(
         err.contains(&format!("event #{seq} ")) && err.contains("not the one noted"),
         "{err}"
@@ -688,15 +663,12 @@ async fn verify_with_a_noted_mark_catches_a_rollback_and_a_replaced_trail() {
         let _ = std::fs::remove_file(d.join(format!("data/keygate.db{suffix}")));
     }
     std::fs::copy(&old_copy, &db_path).unwrap();
-    let (code, err) = verify(None).await;
-    assert_eq!(code, Some(0), "{err}");
-    let (code, err) = verify(Some(second.clone())).await;
-    assert_eq!(code, Some(2), "{err}");
+    audit_verify(d, None, 0).await;
+    let err = audit_verify(d, Some(&second), 2).await;
     assert!(err.contains("rolled back"), "{err}");
 
     // A malformed mark is refused before anything is read, saying what it should look like.
-    let (code, err) = verify(Some("42".into())).await;
-    assert_eq!(code, Some(2), "{err}");
+    let err = audit_verify(d, Some("42"), 2).await;
     assert!(err.contains("SEQ:HEX"), "{err}");
 }
 
